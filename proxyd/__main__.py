@@ -1,0 +1,58 @@
+"""Command line: ``proxyd [flags]`` runs the proxy, ``proxyd check`` validates the config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__, config, logs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="proxyd",
+        description="HTTP forwarding proxy onto warm, pre-handshaked upstream TLS connections.")
+    p.add_argument("--version", action="version", version=f"proxyd {__version__}")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--listen", metavar="HOST:PORT", help="client listener (default 127.0.0.1:3128)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="metrics and health listener (default 127.0.0.1:9128)")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPUs)")
+    p.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify origins with")
+    p.add_argument("--origin", action="append", metavar="HOST[:PORT]",
+                   help="origin to keep warm connections to (repeatable)")
+    p.add_argument("--warm", type=int, metavar="N", help="warm connections per origin per worker")
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help="debug, info, warning, error or critical")
+    p.add_argument("command", nargs="?", choices=["run", "check"], default="run",
+                   help="run (default) or check the configuration and print it")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> config.Config:
+    """The effective configuration: defaults < file < flags."""
+    cfg = config.load(args.config)
+    return config.apply_flags(
+        cfg, listen=args.listen, metrics_listen=args.metrics_listen, workers=args.workers,
+        ca_file=args.ca_file, origins=args.origin, warm=args.warm, log_level=args.log_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``proxyd`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args)
+    except config.ConfigError as exc:
+        print(f"proxyd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        sys.stdout.write(config.to_toml(cfg))
+        print(f"proxyd: configuration OK ({cfg.source})", file=sys.stderr)
+        return 0
+    logs.setup(cfg.log_level)
+    from . import master
+    return master.run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""One client connection: parse requests, route them, stream both ways, answer errors.
+
+An exchange is one request and its response. The client connection owns at most one
+upstream connection at a time; requests pipelined behind it wait in the parser's buffer
+(bounded: reading pauses past ``limits.body_buffer``) and are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from . import errors
+from .headers import (client_response_head, error_response, filter_trailers, has_loop,
+                      informational_head, upstream_request_head)
+from .http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, Framing, IncompleteMessage, ParseError,
+                    RequestHead, RequestParser, ResponseHead, chunk_frame, last_chunk)
+from .tunnel import Tunnel
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .router import Route
+    from .worker import Worker
+
+# RFC 9110 §9.2.2: methods whose repetition has the same effect, hence safe to retry.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_RETAIN_LIMIT = 65536  # request bytes kept for a retry; larger bodies are not retried
+
+# Reasons for which reading from the client is paused (a bit set).
+_PAUSE_UPSTREAM_FULL = 1
+_PAUSE_BUFFER_FULL = 2
+
+
+class ClientState(enum.Enum):
+    """Where the connection is in its request cycle."""
+
+    HEAD = "head"            # waiting for a request head
+    WAITING = "waiting"      # head routed, waiting for an upstream connection
+    ACTIVE = "active"        # exchange in progress
+    TUNNEL = "tunnel"        # CONNECT tunnel
+    CLOSED = "closed"
+
+
+class ClientConnection(asyncio.Protocol):
+    """Serves the requests of one client connection."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = RequestParser(worker.parser_limits)
+        self.state = ClientState.HEAD
+        self.deadline = time.monotonic() + worker.timeouts.client_head
+        self.head_started = False  # bytes of the next head have arrived
+        self.peer = ""
+        self.paused = 0
+        self.writing_paused = False
+        self._in_loop = False
+        self.tunnel: Tunnel | None = None
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.req: RequestHead | None = None
+        self.route: Route | None = None
+        self.pool: Pool | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.resp: ResponseHead | None = None
+        self.out_framing = Framing.NONE
+        self.req_done = False
+        self.resp_started = False
+        self.keep_alive = True
+        self.retained: list[bytes] | None = None
+        self.retained_size = 0
+        self.retried = False
+        self.reused = False
+        self.started = 0.0
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.peer} {self.state.value}>"
+
+    # -- asyncio.Protocol: client side --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.worker.clients.add(self)
+        self.worker.stats.client_connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.worker.stats.bytes_from_clients += len(data)
+        state = self.state
+        if state is ClientState.TUNNEL:
+            self.tunnel.from_client(data)  # type: ignore[union-attr]
+            return
+        self.parser.feed(data)
+        if state is ClientState.HEAD:
+            if not self.head_started:
+                self.head_started = True
+                self.deadline = time.monotonic() + self.worker.timeouts.client_head
+            self._process()
+        elif state is ClientState.ACTIVE and not self.req_done:
+            self._pump_request()
+        elif self.parser.buffered > self.worker.limits.body_buffer:
+            self._pause(_PAUSE_BUFFER_FULL)
+
+    def eof_received(self) -> bool:
+        if self.state is ClientState.TUNNEL:
+            return self.tunnel.client_eof()  # type: ignore[union-attr]
+        self.parser.feed(b"")
+        if self.state is ClientState.HEAD:
+            self._process()
+            return False
+        if self.state is ClientState.ACTIVE and not self.req_done:
+            self._pump_request()
+        # Half-closed after a complete request: answer it, then close (RFC 9112 §9.6).
+        self.keep_alive = False
+        return self.state is not ClientState.CLOSED
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        self.state = ClientState.CLOSED
+        self.worker.clients.discard(self)
+        if state is ClientState.WAITING and self.pool is not None:
+            self.pool.cancel(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+        upstream = self.upstream
+        if upstream is not None:
+            # The exchange did not finish: its connection holds a partial message.
+            self.upstream = None
+            upstream.close("client_aborted")
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+        elif self.tunnel is not None:
+            self.tunnel.pause_upstream()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+        elif self.tunnel is not None:
+            self.tunnel.resume_upstream()
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None and self.state is not ClientState.CLOSED:
+                self.transport.resume_reading()
+
+    # -- request heads ------------------------------------------------------------------------
+    def _process(self) -> None:
+        """Start every complete request head buffered, one exchange at a time."""
+        if self._in_loop:
+            return
+        self._in_loop = True
+        try:
+            while self.state is ClientState.HEAD:
+                try:
+                    event = self.parser.next_event()
+                except ParseError as exc:
+                    self._reject(exc)
+                    return
+                if event is NEED_DATA:
+                    return
+                if event is CLOSED:
+                    self._close()
+                    return
+                self._begin(event)  # type: ignore[arg-type]
+        finally:
+            self._in_loop = False
+
+    def _reject(self, exc: ParseError) -> None:
+        """Answer an unparseable request and close: the stream position is unknown."""
+        if isinstance(exc, IncompleteMessage) or self.transport is None:
+            self._close()
+            return
+        self.worker.stats.errors += 1
+        self.keep_alive = False
+        self._send_error(exc)
+        self._close()
+
+    def _begin(self, req: RequestHead) -> None:
+        worker = self.worker
+        worker.stats.requests += 1
+        self.req = req
+        self.started = time.monotonic()
+        self.head_started = False
+        self.keep_alive = req.keep_alive and not worker.draining
+        try:
+            self._check(req)
+            if req.method == b"CONNECT":
+                host, port = worker.router.route_connect(req.target)
+                self.state = ClientState.TUNNEL
+                self.deadline = time.monotonic() + worker.timeouts.tunnel_idle
+                self.tunnel = Tunnel(self, host, port)
+                self.tunnel.start(self.parser.take_buffered())
+                return
+            route = worker.router.route(req.method, req.target)
+        except errors.ProxyError as exc:
+            self._fail_early(exc)
+            return
+        self.route = route
+        self.pool = worker.pool_for(route)
+        self.state = ClientState.WAITING
+        self.deadline = float("inf")  # the pool enforces pool_wait
+        self.pool.acquire(self)
+
+    def _check(self, req: RequestHead) -> None:
+        """Request-level rules that need no routing decision."""
+        hosts = sum(1 for n, _ in req.headers if n.lower() == b"host")
+        if hosts > 1 or (hosts == 0 and req.version >= 11):
+            # RFC 9112 §3.2: exactly one Host in HTTP/1.1.
+            raise errors.ParseError("request needs exactly one Host header field")
+        if has_loop(req.headers, self.worker.cfg.via):
+            raise errors.ProxyError("request loop detected: Via already names this proxy",
+                                    status=508, error_type="proxy_loop_detected")
+        expect = req.get(b"expect")
+        if expect is not None and expect.lower() != b"100-continue":
+            raise errors.ProxyError("unsupported expectation", status=417,
+                                    error_type="http_request_error")
+
+    def _fail_early(self, exc: errors.ProxyError) -> None:
+        """An error before anything went upstream; the request body (if any) is unread."""
+        req = self.req
+        if req is not None and req.framing is not Framing.NONE:
+            self.keep_alive = False  # cannot find the next request without reading the body
+        elif req is not None:
+            self.parser.next_event()  # the EndOfMessage of a body-less request
+        self.worker.stats.errors += 1
+        self._send_error(exc)
+        if self.keep_alive:
+            self._finish()
+        else:
+            self._close()
+
+    # -- pool callbacks -----------------------------------------------------------------------
+    def on_connection(self, conn: UpstreamConnection, reused: bool) -> None:
+        """The pool hands over a connection for the current request."""
+        if self.state is not ClientState.WAITING:
+            self.pool.release(conn, reusable=True)  # type: ignore[union-attr]
+            return
+        req = self.req
+        assert req is not None and self.route is not None
+        stats = self.worker.stats
+        if reused:
+            stats.warm_hits += 1
+        self.reused = reused
+        self.upstream = conn
+        self.state = ClientState.ACTIVE
+        conn.start(self, req.method, reused)
+        if self.writing_paused:
+            conn.pause_reading()
+        if self.retained is not None and self.retried:
+            conn.writelines(self.retained)
+        else:
+            head = upstream_request_head(req, self.route.target, self.route.host_header,
+                                         self.worker.via(req.version))
+            if req.method in IDEMPOTENT:
+                self.retained = [head]
+                self.retained_size = len(head)
+            conn.write(head)
+        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+        if conn.writing_paused:
+            self._pause(_PAUSE_UPSTREAM_FULL)
+        if not self.req_done:
+            self._pump_request()
+        self._resume(_PAUSE_BUFFER_FULL)
+
+    def on_pool_error(self, exc: errors.ProxyError) -> None:
+        """No connection could be had."""
+        if self.state is ClientState.WAITING:
+            self._fail(exc)
+
+    # -- request body -------------------------------------------------------------------------
+    def _pump_request(self) -> None:
+        upstream = self.upstream
+        req = self.req
+        assert upstream is not None and req is not None
+        chunked = req.framing is Framing.CHUNKED
+        parser = self.parser
+        while not self.req_done:
+            try:
+                event = parser.next_event()
+            except ParseError as exc:
+                self._request_body_failed(exc)
+                return
+            if event is NEED_DATA or event is PAUSED:
+                break
+            if type(event) is bytes:
+                parts = chunk_frame(event) if chunked else [event]
+                upstream.writelines(parts)
+                self._retain(parts)
+            elif type(event) is EndOfMessage:
+                if chunked:
+                    end = last_chunk(filter_trailers(event.trailers))
+                    upstream.write(end)
+                    self._retain([end])
+                self.req_done = True
+                self._request_sent()
+                return
+        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+
+    def _request_sent(self) -> None:
+        if self.resp is None:
+            self.deadline = time.monotonic() + self.worker.timeouts.response_head
+        if self.parser.buffered > self.worker.limits.body_buffer:
+            self._pause(_PAUSE_BUFFER_FULL)
+
+    def _retain(self, parts: list[bytes]) -> None:
+        if self.retained is None:
+            return
+        self.retained_size += sum(len(p) for p in parts)
+        if self.retained_size > _RETAIN_LIMIT:
+            self.retained = None
+        else:
+            self.retained.extend(parts)
+
+    def _request_body_failed(self, exc: ParseError) -> None:
+        """The client sent a bad or truncated body: the upstream message is now unusable."""
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.close("client_aborted")
+        if isinstance(exc, IncompleteMessage) or self.resp_started:
+            self._close()
+            return
+        self.keep_alive = False
+        self.worker.stats.errors += 1
+        self._send_error(exc)
+        self._close()
+
+    def pause_request_body(self) -> None:
+        """The origin is slow to read: stop reading the client."""
+        self._pause(_PAUSE_UPSTREAM_FULL)
+
+    def resume_request_body(self) -> None:
+        """The origin caught up."""
+        self._resume(_PAUSE_UPSTREAM_FULL)
+
+    # -- response -----------------------------------------------------------------------------
+    def on_response_head(self, head: ResponseHead) -> None:
+        """A response head (final or 1xx) arrived from the origin."""
+        req = self.req
+        assert req is not None
+        if head.status < 200:
+            if head.status == 101:
+                self._upstream_protocol_error("origin switched protocols without being asked")
+            elif req.version >= 11:
+                # RFC 9110 §15.2: forward 1xx (100 Continue, 103 Early Hints) to 1.1 clients.
+                self.transport.write(informational_head(head, self.worker.via(11)))  # type: ignore[union-attr]
+            return
+        self.resp = head
+        self.resp_started = True
+        framing = head.framing
+        if framing is Framing.CHUNKED or framing is Framing.CLOSE:
+            # HTTP/1.0 clients cannot take chunked: send raw and close (RFC 9112 §7).
+            framing = Framing.CHUNKED if req.version >= 11 else Framing.CLOSE
+        self.out_framing = framing
+        if framing is Framing.CLOSE or not self.req_done:
+            self.keep_alive = False
+        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+        self.transport.write(client_response_head(  # type: ignore[union-attr]
+            head, framing, self.keep_alive, req.version, self.worker.via(req.version)))
+
+    def on_response_data(self, data: bytes) -> None:
+        """A piece of response body."""
+        stats = self.worker.stats
+        stats.bytes_to_clients += len(data)
+        if self.out_framing is Framing.CHUNKED:
+            self.transport.writelines(chunk_frame(data))  # type: ignore[union-attr]
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+
+    def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response is complete."""
+        if self.out_framing is Framing.CHUNKED:
+            self.transport.write(last_chunk(filter_trailers(trailers)))  # type: ignore[union-attr]
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            reusable = conn.finish() and self.req_done
+            if conn.reading_paused:
+                conn.resume_reading()
+            self.pool.release(conn, reusable)  # type: ignore[union-attr]
+        if not self.req_done:
+            # The origin answered before the request body ended (e.g. 413): the rest of the
+            # body is unread, so the connection cannot carry another request.
+            self._close()
+            return
+        self._finish()
+
+    def on_upstream_error(self, exc: errors.ProxyError, retryable: bool) -> None:
+        """The upstream connection failed during the exchange."""
+        self.upstream = None
+        if (retryable and not self.retried and not self.resp_started
+                and self.retained is not None and self.req_done
+                and self.state is ClientState.ACTIVE):
+            # RFC 9110 §9.2.2: an idempotent request may be retried when the connection
+            # closed before any response; the retry uses a newly opened connection.
+            self.retried = True
+            self.worker.stats.retries += 1
+            self.state = ClientState.WAITING
+            self.pool.acquire(self, fresh=True)  # type: ignore[union-attr]
+            return
+        self._fail(exc)
+
+    def _upstream_protocol_error(self, reason: str) -> None:
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.close("error")
+        self._fail(errors.UpstreamError(reason))
+
+    # -- CONNECT tunnel -----------------------------------------------------------------------
+    def tunnel_established(self) -> None:
+        """The target accepted the TCP connection: say so, then bytes flow raw."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+    def tunnel_failed(self, exc: errors.ProxyError) -> None:
+        """The tunnel target could not be reached."""
+        self.tunnel = None
+        self.keep_alive = False
+        self.worker.stats.errors += 1
+        self._send_error(exc)
+        self._close()
+
+    def tunnel_closed(self) -> None:
+        """The target connection is gone; flush what is buffered and close."""
+        self._close()
+
+    def pause_tunnel_reading(self) -> None:
+        """The target (or the pending buffer) cannot take more client bytes now."""
+        self._pause(_PAUSE_UPSTREAM_FULL)
+
+    def resume_tunnel_reading(self) -> None:
+        """The target caught up."""
+        self._resume(_PAUSE_UPSTREAM_FULL)
+
+    # -- endings ------------------------------------------------------------------------------
+    def _fail(self, exc: errors.ProxyError) -> None:
+        """Answer an upstream/pool failure, or cut the response if it already started."""
+        self.worker.stats.errors += 1
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.close("error")
+        if self.resp_started or self.state is ClientState.CLOSED:
+            # Part of the response is out: closing is the only honest signal (the client
+            # sees a short body or a missing last chunk, never a falsely complete one).
+            self._close()
+            return
+        if not self.req_done:
+            self.keep_alive = False
+        self._send_error(exc)
+        if self.keep_alive:
+            self._finish()
+        else:
+            self._close()
+
+    def _send_error(self, exc: errors.ProxyError) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        try:
+            phrase = HTTPStatus(exc.status).phrase
+        except ValueError:
+            phrase = "Error"
+        head_only = self.req is not None and self.req.method == b"HEAD"
+        self.transport.write(error_response(exc.status, phrase, exc.error_type, exc.reason,
+                                            self.keep_alive, exc.details, head_only))
+
+    def _finish(self) -> None:
+        """The exchange is over; read the next request or close."""
+        if not self.keep_alive or self.worker.draining:
+            self._close()
+            return
+        self._reset_exchange()
+        self.state = ClientState.HEAD
+        self.deadline = time.monotonic() + self.worker.timeouts.client_idle
+        if self.parser.done:
+            self.parser.start_next()
+        self._resume(_PAUSE_BUFFER_FULL)
+        if self.parser.buffered or self.parser.at_eof:
+            self.head_started = True
+            self.deadline = time.monotonic() + self.worker.timeouts.client_head
+            self._process()
+
+    def _close(self) -> None:
+        if self.state is not ClientState.CLOSED:
+            self.state = ClientState.CLOSED
+            if self.transport is not None:
+                self.transport.close()
+
+    def check_deadline(self, now: float) -> None:
+        """Called periodically: enforce the timeout of the current state."""
+        if now < self.deadline:
+            return
+        state = self.state
+        if state is ClientState.HEAD:
+            if self.head_started:
+                self.keep_alive = False
+                self._send_error(errors.ProxyError("request head not received in time",
+                                                   status=408, error_type="http_request_error"))
+            self._close()
+        elif state is ClientState.ACTIVE:
+            if self.req_done and not self.resp_started:
+                self._fail(errors.ResponseTimeout(
+                    f"origin sent no response within {self.worker.timeouts.response_head:g} s"))
+            elif not self.resp_started:
+                self._fail(errors.ProxyError("request body not received in time",
+                                             status=408, error_type="http_request_error"))
+            else:
+                self._fail(errors.ConnectionTimeout("no body progress in time",
+                                                    error_type="connection_timeout"))
+        elif state is ClientState.TUNNEL:
+            self._close()

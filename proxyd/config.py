@@ -1,0 +1,378 @@
+"""Configuration: embedded defaults < TOML file < command-line flags, as frozen dataclasses.
+
+Every key is checked: an unknown key or a value of the wrong type is a :class:`ConfigError`
+whose message names the dotted key and the file, so a typo never silently keeps a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+
+class ConfigError(Exception):
+    """An invalid configuration; the message names the key and the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds allowed for each wait (every wait has one)."""
+
+    client_head: float = 10.0       # first byte to end of a request head (slowloris)
+    client_idle: float = 60.0       # keep-alive client between requests
+    connect: float = 5.0            # TCP connect to an origin
+    tls_handshake: float = 5.0      # TLS handshake with an origin
+    response_head: float = 60.0     # request sent to response head received
+    body_idle: float = 60.0         # no body progress in either direction
+    pool_wait: float = 5.0          # queued for a pooled connection, then 503
+    tunnel_idle: float = 300.0      # CONNECT tunnel without traffic
+    shutdown: float = 30.0          # graceful stop: in-flight requests may finish
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on buffers and counts (RFC 9110 §2.3: a recipient may limit sizes)."""
+
+    request_line: int = 8192
+    head_size: int = 65536
+    header_count: int = 100
+    chunk_line: int = 4096
+    trailer_size: int = 16384
+    client_connections: int = 10000  # per worker; more wait in the accept backlog
+    pool_waiters: int = 1024         # requests queued per origin per worker
+    body_buffer: int = 262144        # bytes buffered per direction before pausing the sender
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Trust for upstream connections; verification is on unless switched off."""
+
+    verify: bool = True
+    ca_file: str = ""                # "" = the system store
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Pool settings, the defaults for every origin (configured or learned)."""
+
+    warm: int = 0
+    max_connections: int = 128
+    idle_ttl: float = 30.0           # keep below the origin's idle timeout
+    lifetime: float = 3600.0
+    max_requests: int = 1000
+    learned_warm: int = 1            # warm floor for origins first seen at run time
+    learned_ttl: float = 300.0       # keep a learned origin warm this long after last use
+
+
+@dataclass(frozen=True, slots=True)
+class OriginConfig:
+    """One configured origin; unset pool fields fall back to [pool]."""
+
+    host: str
+    port: int = 443
+    tls: bool = True
+    warm: int = 0
+    max_connections: int = 128
+    idle_ttl: float = 30.0
+    lifetime: float = 3600.0
+    max_requests: int = 1000
+    sni: str = ""
+
+    @property
+    def server_hostname(self) -> str:
+        """Name sent in SNI and checked against the certificate."""
+        return self.sni or self.host
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole effective configuration."""
+
+    listen: str = "127.0.0.1:3128"
+    metrics_listen: str = "127.0.0.1:9128"
+    workers: int = 0                 # 0 = one per CPU
+    log_level: str = "info"
+    access_log: bool = True
+    via: str = "proxyd"              # received-by pseudonym in Via; also loop detection
+    default_origin: str = ""         # host[:port] for origin-form requests
+    connect_ports: tuple[int, ...] = (443,)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    origin: tuple[OriginConfig, ...] = ()
+    source: str = "<defaults>"
+
+    @property
+    def worker_count(self) -> int:
+        """Workers to start: the configured count, or one per CPU."""
+        return self.workers or (os.cpu_count() or 1)
+
+
+_SECTIONS: dict[str, type] = {
+    "timeouts": Timeouts, "limits": Limits, "tls": TlsConfig, "pool": PoolConfig,
+}
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
+
+
+def _check_type(key: str, value: Any, typ: Any, source: str) -> Any:
+    """Return ``value`` converted to ``typ`` or raise an error naming ``key``."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if type(value) is not typ:
+            raise ConfigError(f"{source}: {key}: expected {typ.__name__}, "
+                              f"got {type(value).__name__} {value!r}")
+        return value
+    if typ == tuple[int, ...]:
+        if not isinstance(value, list) or not all(type(v) is int for v in value):
+            raise ConfigError(f"{source}: {key}: expected a list of integers, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{source}: {key}: unsupported value {value!r}")
+
+
+def _build(cls: type, table: Any, prefix: str, source: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and bad types."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {prefix}: expected a table, got {table!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names or key == "source":
+            raise ConfigError(f"{source}: unknown key {dotted!r}")
+        values[key] = _check_type(dotted, value, hints[key], source)
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{source}: {prefix}: {exc}") from None
+
+
+def _origins(items: Any, pool: PoolConfig, source: str) -> tuple[OriginConfig, ...]:
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: origin: expected an array of tables ([[origin]])")
+    out = []
+    for i, table in enumerate(items):
+        prefix = f"origin[{i}]"
+        if not isinstance(table, dict) or "host" not in table:
+            raise ConfigError(f"{source}: {prefix}.host: required")
+        defaults = {k: table.get(k, getattr(pool, k)) for k in _POOL_KEYS}
+        merged = {**table, **defaults}
+        out.append(_build(OriginConfig, merged, prefix, source))
+    return tuple(out)
+
+
+def from_mapping(data: dict[str, Any], source: str) -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML document."""
+    top: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            sections[key] = _build(_SECTIONS[key], value, key, source)
+        elif key != "origin":
+            top[key] = value
+    pool = sections.get("pool", PoolConfig())
+    origins = _origins(data.get("origin", []), pool, source)
+    cfg = _build(Config, top, "", source, base=Config(source=source))
+    cfg = dataclasses.replace(cfg, origin=origins, **sections)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | None) -> Config:
+    """Load ``path`` (TOML) over the embedded defaults; None means defaults only."""
+    if not path:
+        cfg = Config()
+        validate(cfg)
+        return cfg
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_mapping(data, path)
+
+
+def parse_hostport(value: str, default_port: int, key: str, source: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 in brackets); errors name ``key``."""
+    host, port = value, default_port
+    if value.startswith("["):
+        end = value.find("]")
+        if end == -1:
+            raise ConfigError(f"{source}: {key}: unbalanced '[' in {value!r}")
+        host, rest = value[1:end], value[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"{source}: {key}: expected HOST:PORT, got {value!r}")
+            port = _port(rest[1:], key, source)
+    elif value.count(":") == 1:
+        host, port_s = value.split(":")
+        port = _port(port_s, key, source)
+    elif ":" in value:
+        raise ConfigError(f"{source}: {key}: IPv6 addresses need brackets: {value!r}")
+    if not host:
+        raise ConfigError(f"{source}: {key}: missing host in {value!r}")
+    return host, port
+
+
+def _port(text: str, key: str, source: str, allow_zero: bool = True) -> int:
+    if not text.isdigit() or not (0 if allow_zero else 1) <= int(text) <= 65535:
+        raise ConfigError(f"{source}: {key}: invalid port {text!r}")
+    return int(text)
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks that types alone cannot express."""
+    src = cfg.source
+    parse_hostport(cfg.listen, 3128, "listen", src)
+    parse_hostport(cfg.metrics_listen, 9128, "metrics_listen", src)
+    if cfg.default_origin:
+        parse_hostport(cfg.default_origin, 443, "default_origin", src)
+    if cfg.workers < 0 or cfg.workers > 256:
+        raise ConfigError(f"{src}: workers: must be between 0 (one per CPU) and 256")
+    if cfg.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"{src}: log_level: must be one of {', '.join(_LOG_LEVELS)}")
+    if cfg.tls.min_version not in ("1.2", "1.3"):
+        raise ConfigError(f"{src}: tls.min_version: must be \"1.2\" or \"1.3\"")
+    if cfg.tls.ca_file and not os.path.isfile(cfg.tls.ca_file):
+        raise ConfigError(f"{src}: tls.ca_file: no such file {cfg.tls.ca_file!r}")
+    for p in cfg.connect_ports:
+        if not 1 <= p <= 65535:
+            raise ConfigError(f"{src}: connect_ports: invalid port {p}")
+    _validate_positive(cfg.timeouts, "timeouts", src)
+    _validate_positive(cfg.limits, "limits", src)
+    _validate_pool(cfg.pool, "pool", src)
+    seen = set()
+    for i, o in enumerate(cfg.origin):
+        _validate_pool(o, f"origin[{i}]", src)
+        if not 1 <= o.port <= 65535:
+            raise ConfigError(f"{src}: origin[{i}].port: invalid port {o.port}")
+        key = (o.host.lower(), o.port)
+        if key in seen:
+            raise ConfigError(f"{src}: origin[{i}]: duplicate origin {o.host}:{o.port}")
+        seen.add(key)
+    _validate_listen_address(cfg)
+
+
+def _validate_positive(section: Any, name: str, src: str) -> None:
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, (int, float)) and value <= 0:
+            raise ConfigError(f"{src}: {name}.{f.name}: must be greater than 0")
+
+
+def _validate_pool(section: Any, name: str, src: str) -> None:
+    if section.warm < 0:
+        raise ConfigError(f"{src}: {name}.warm: must be 0 or more")
+    if section.max_connections < 1:
+        raise ConfigError(f"{src}: {name}.max_connections: must be at least 1")
+    if section.warm > section.max_connections:
+        raise ConfigError(f"{src}: {name}.warm: larger than max_connections")
+    for key in ("idle_ttl", "lifetime"):
+        if getattr(section, key) <= 0:
+            raise ConfigError(f"{src}: {name}.{key}: must be greater than 0")
+    if section.max_requests < 1:
+        raise ConfigError(f"{src}: {name}.max_requests: must be at least 1")
+
+
+def _validate_listen_address(cfg: Config) -> None:
+    """Refuse to become an open proxy by accident: only loopback listeners for now."""
+    host, _ = parse_hostport(cfg.listen, 3128, "listen", cfg.source)
+    if host == "localhost":
+        return
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{cfg.source}: listen: expected an IP address or localhost, "
+                          f"got {host!r}") from None
+    if not addr.is_loopback:
+        raise ConfigError(
+            f"{cfg.source}: listen: {host} is not a loopback address; proxyd refuses to run "
+            "as an open proxy. Listen on 127.0.0.1 or ::1 (client allow-lists and "
+            "authentication for other addresses are not configured)")
+
+
+def apply_flags(cfg: Config, *, listen: str | None = None, metrics_listen: str | None = None,
+                workers: int | None = None, ca_file: str | None = None,
+                origins: list[str] | None = None, warm: int | None = None,
+                log_level: str | None = None) -> Config:
+    """Command-line flags override the file; ``--origin`` adds (or updates) origins."""
+    src = "command line"
+    changes: dict[str, Any] = {}
+    if listen is not None:
+        changes["listen"] = listen
+    if metrics_listen is not None:
+        changes["metrics_listen"] = metrics_listen
+    if workers is not None:
+        changes["workers"] = workers
+    if log_level is not None:
+        changes["log_level"] = log_level
+    if ca_file is not None:
+        changes["tls"] = dataclasses.replace(cfg.tls, ca_file=ca_file)
+    origin_list = list(cfg.origin)
+    if warm is not None and not origins:
+        origin_list = [dataclasses.replace(o, warm=warm) for o in origin_list]
+    for text in origins or []:
+        host, port = parse_hostport(text, 443, "--origin", src)
+        origin_list = _add_origin(origin_list, host, port, cfg.pool, warm)
+    changes["origin"] = tuple(origin_list)
+    new = dataclasses.replace(cfg, **changes)
+    try:
+        validate(new)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(f"{cfg.source}:", f"{cfg.source} + {src}:", 1)) from None
+    return new
+
+
+def _add_origin(origins: list[OriginConfig], host: str, port: int, pool: PoolConfig,
+                warm: int | None) -> list[OriginConfig]:
+    for i, o in enumerate(origins):
+        if o.host.lower() == host.lower() and o.port == port:
+            if warm is not None:
+                origins[i] = dataclasses.replace(o, warm=warm)
+            return origins
+    defaults = {k: getattr(pool, k) for k in _POOL_KEYS}
+    if warm is not None:
+        defaults["warm"] = warm
+    origins.append(OriginConfig(host=host, port=port, **defaults))
+    return origins
+
+
+def to_toml(cfg: Config) -> str:
+    """Render the effective configuration as TOML (what ``proxyd check`` prints)."""
+    lines = [f"# effective configuration (from {cfg.source})"]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in _SECTIONS or f.name in ("origin", "source"):
+            continue
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    for name in _SECTIONS:
+        lines.append(f"\n[{name}]")
+        section = getattr(cfg, name)
+        lines.extend(f"{f.name} = {_toml_value(getattr(section, f.name))}" for f in fields(section))
+    for o in cfg.origin:
+        lines.append("\n[[origin]]")
+        lines.extend(f"{f.name} = {_toml_value(getattr(o, f.name))}" for f in fields(o))
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

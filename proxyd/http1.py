@@ -1,0 +1,669 @@
+"""Sans-I/O HTTP/1.1 message parsing and serialising (RFC 9112).
+
+No sockets here: a parser is fed bytes with :meth:`feed` (``feed(b"")`` means EOF) and
+returns events from :meth:`next_event`, in the style of h11:
+
+* a head (:class:`RequestHead` / :class:`ResponseHead`),
+* ``bytes`` — a piece of body data, already de-chunked,
+* :class:`EndOfMessage` — with the trailer fields of a chunked body, if any,
+* :data:`NEED_DATA` — feed more bytes,
+* :data:`PAUSED` — a message is complete; call :meth:`start_next` for the next one,
+* :data:`CLOSED` — the peer closed cleanly between messages.
+
+Parsing is strict, because a proxy that is lenient where the next hop is strict (or the
+reverse) is the root of request smuggling: every rejection raises :class:`ParseError`
+carrying the status to answer (400, 414, 431, 501, 505).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from .errors import ParseError
+
+# RFC 9110 §5.6.2: token = 1*tchar
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 §5.5: field-value may hold VCHAR, obs-text, SP and HTAB; nothing else
+# (no NUL, no bare CR or LF, no other CTL). A single linear scan finds offenders.
+_BAD_VALUE_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 §3.2: request-target holds no whitespace or CTL.
+_BAD_TARGET_CHAR = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
+_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
+# RFC 9112 §7.1.1: chunk-size [ chunk-ext ], chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] )
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_TOKEN_SRC = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOKEN_SRC
+    + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_SRC + rb"|" + _QUOTED + rb"))?)*)")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_MAX_CHUNK_SIZE = 1 << 62
+# RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request-line.
+_MAX_LEADING_CRLF = 8
+
+Headers = list[tuple[bytes, bytes]]
+"""Field lines in order, names as received. Repeated fields stay repeated."""
+
+
+class Framing(enum.Enum):
+    """How the body of a message is delimited (RFC 9112 §6.3)."""
+
+    NONE = "none"
+    LENGTH = "length"
+    CHUNKED = "chunked"
+    CLOSE = "close"
+
+
+@dataclass(slots=True)
+class ParserLimits:
+    """Upper bounds on everything the parser buffers (each breach has its own status)."""
+
+    request_line: int = 8192
+    head_size: int = 65536
+    header_count: int = 100
+    chunk_line: int = 4096
+    trailer_size: int = 16384
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A parsed request line and header section."""
+
+    method: bytes
+    target: bytes
+    version: int  # 10 or 11
+    headers: Headers
+    framing: Framing = Framing.NONE
+    content_length: int = 0
+    keep_alive: bool = True
+    connection_tokens: frozenset[bytes] = frozenset()
+
+    def get(self, lname: bytes) -> bytes | None:
+        """First value of the field named ``lname`` (lower case), or None."""
+        return get_field(self.headers, lname)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A parsed status line and header section."""
+
+    status: int
+    reason: bytes
+    version: int
+    headers: Headers
+    framing: Framing = Framing.NONE
+    content_length: int = 0
+    keep_alive: bool = True
+    connection_tokens: frozenset[bytes] = frozenset()
+
+    def get(self, lname: bytes) -> bytes | None:
+        """First value of the field named ``lname`` (lower case), or None."""
+        return get_field(self.headers, lname)
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    """The message is complete; ``trailers`` holds a chunked body's trailer fields."""
+
+    trailers: Headers = field(default_factory=list)
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+PAUSED = _Sentinel("PAUSED")
+CLOSED = _Sentinel("CLOSED")
+
+Event = RequestHead | ResponseHead | bytes | EndOfMessage | _Sentinel
+
+
+class IncompleteMessage(ParseError):
+    """The peer closed the connection in the middle of a message."""
+
+
+def get_field(headers: Headers, lname: bytes) -> bytes | None:
+    """First value of field ``lname`` (lower-case name) in ``headers``, or None."""
+    for name, value in headers:
+        if name.lower() == lname:
+            return value
+    return None
+
+
+def field_values(headers: Headers, lname: bytes) -> list[bytes]:
+    """All values of field ``lname``, comma lists split and elements stripped (RFC 9110 §5.6.1)."""
+    out: list[bytes] = []
+    for name, value in headers:
+        if name.lower() == lname:
+            out.extend(v.strip(b" \t") for v in value.split(b","))
+    return [v for v in out if v]
+
+
+class _State(enum.Enum):
+    HEAD = 1
+    BODY_LENGTH = 2
+    BODY_CLOSE = 3
+    CHUNK_SIZE = 4
+    CHUNK_DATA = 5
+    CHUNK_CRLF = 6
+    TRAILERS = 7
+    DONE = 8
+    ERROR = 9
+
+
+class _Parser:
+    """Shared buffering, head splitting and body decoding for both directions."""
+
+    def __init__(self, limits: ParserLimits | None = None) -> None:
+        self.limits = limits or ParserLimits()
+        self._buf: bytes | bytearray = b""
+        self._eof = False
+        self._state = _State.HEAD
+        self._remaining = 0  # bytes left in a Content-Length body or in a chunk
+        self._scan_from = 0  # where to resume looking for the end of the head
+        self._trailers: Headers = []
+        self._trailer_bytes = 0
+        self.bytes_in = 0  # total bytes fed, for accounting
+
+    # -- buffering --------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the peer; ``b""`` signals EOF."""
+        if not data:
+            self._eof = True
+            return
+        self.bytes_in += len(data)
+        if not self._buf:
+            self._buf = data  # no copy in the common case of an empty buffer
+        elif isinstance(self._buf, bytearray):
+            self._buf += data
+        else:
+            self._buf = bytearray(self._buf) + data
+
+    @property
+    def buffered(self) -> int:
+        """Number of bytes received but not yet turned into events."""
+        return len(self._buf)
+
+    @property
+    def at_eof(self) -> bool:
+        """True once ``feed(b"")`` was called."""
+        return self._eof
+
+    @property
+    def done(self) -> bool:
+        """True between the end of a message and :meth:`start_next`."""
+        return self._state is _State.DONE
+
+    @property
+    def in_head(self) -> bool:
+        """True while waiting for (part of) a message head."""
+        return self._state is _State.HEAD
+
+    def take_buffered(self) -> bytes:
+        """Remove and return every buffered byte (a CONNECT tunnel takes over the stream)."""
+        return self._take(len(self._buf)) if self._buf else b""
+
+    def _take(self, n: int) -> bytes:
+        buf = self._buf
+        if n >= len(buf):
+            self._buf = b""
+            return bytes(buf) if isinstance(buf, bytearray) else buf
+        chunk = bytes(buf[:n])
+        if isinstance(buf, bytearray):
+            del buf[:n]
+        else:
+            self._buf = buf[n:]
+        return chunk
+
+    def _drop(self, n: int) -> None:
+        if isinstance(self._buf, bytearray):
+            del self._buf[:n]
+        else:
+            self._buf = self._buf[n:]
+
+    def start_next(self) -> None:
+        """Allow parsing of the next message on this connection (keep-alive, pipelining)."""
+        if self._state is not _State.DONE:
+            raise RuntimeError("start_next() before the current message is done")
+        self._state = _State.HEAD
+        self._scan_from = 0
+
+    # -- head -------------------------------------------------------------------------------
+    def _find_head(self) -> bytes | None:
+        """Return the head (without the blank line) once complete, else None.
+
+        Bare LF is rejected as soon as it is seen rather than waited on (RFC 9112 §2.2 lets a
+        recipient reject it; accepting it where a peer would not enables smuggling).
+        """
+        buf = self._buf
+        start = max(0, self._scan_from - 3)
+        end = buf.find(b"\r\n\r\n", start)
+        lf = buf.find(b"\n", max(0, self._scan_from - 1))
+        while lf != -1 and (end == -1 or lf < end + 4):
+            if lf == 0 or buf[lf - 1] != 13:
+                raise ParseError("bare LF in message head")
+            lf = buf.find(b"\n", lf + 1)
+        if end == -1:
+            self._scan_from = len(buf)
+            self._check_partial_head()
+            return None
+        head = bytes(buf[:end])
+        self._drop(end + 4)
+        self._scan_from = 0
+        if end + 4 > self.limits.head_size:
+            raise ParseError("message head too large", status=431)
+        return head
+
+    def _check_partial_head(self) -> None:
+        if len(self._buf) > self.limits.head_size:
+            raise ParseError("message head too large", status=431)
+
+    def _parse_fields(self, lines: list[bytes], limit_count: int) -> Headers:
+        if len(lines) > limit_count:
+            raise ParseError("too many header fields", status=431)
+        headers: Headers = []
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise ParseError("header line without a colon")
+            # Rejects obs-fold (line starting with SP/HTAB) and whitespace before the colon
+            # (RFC 9112 §5.1, §5.2): both have been used to smuggle fields past proxies.
+            if _TOKEN.fullmatch(name) is None:
+                raise ParseError("invalid header field name")
+            value = value.strip(b" \t")
+            if _BAD_VALUE_CHAR.search(value) is not None:
+                raise ParseError("invalid character in header field value")
+            headers.append((name, value))
+        return headers
+
+    # -- bodies -----------------------------------------------------------------------------
+    def _body_event(self) -> Event:
+        state = self._state
+        if state is _State.BODY_LENGTH:
+            return self._length_body()
+        if state is _State.BODY_CLOSE:
+            if self._buf:
+                return self._take(len(self._buf))
+            if self._eof:
+                self._state = _State.DONE
+                return EndOfMessage()
+            return NEED_DATA
+        return self._chunked_body()
+
+    def _length_body(self) -> Event:
+        if self._remaining == 0:
+            self._state = _State.DONE
+            return EndOfMessage()
+        if not self._buf:
+            if self._eof:
+                raise IncompleteMessage("connection closed inside a Content-Length body")
+            return NEED_DATA
+        chunk = self._take(self._remaining)
+        self._remaining -= len(chunk)
+        return chunk
+
+    def _read_line(self, limit: int, what: str) -> bytes | None:
+        buf = self._buf
+        lf = buf.find(b"\n", 0, limit + 2)
+        if lf == -1:
+            if len(buf) > limit:
+                raise ParseError(f"{what} too long")
+            if self._eof:
+                raise IncompleteMessage(f"connection closed inside the {what}")
+            return None
+        if lf == 0 or buf[lf - 1] != 13:
+            raise ParseError(f"bare LF in {what}")
+        line = bytes(buf[:lf - 1])
+        self._drop(lf + 1)
+        return line
+
+    def _chunked_body(self) -> Event:
+        while True:
+            state = self._state
+            if state is _State.CHUNK_DATA:
+                if not self._buf:
+                    if self._eof:
+                        raise IncompleteMessage("connection closed inside a chunk")
+                    return NEED_DATA
+                chunk = self._take(self._remaining)
+                self._remaining -= len(chunk)
+                if self._remaining == 0:
+                    self._state = _State.CHUNK_CRLF
+                return chunk
+            if state is _State.CHUNK_SIZE:
+                line = self._read_line(self.limits.chunk_line, "chunk-size line")
+                if line is None:
+                    return NEED_DATA
+                self._remaining = _parse_chunk_size(line)
+                self._state = _State.CHUNK_DATA if self._remaining else _State.TRAILERS
+            elif state is _State.CHUNK_CRLF:
+                if len(self._buf) < 2:
+                    if self._eof:
+                        raise IncompleteMessage("connection closed after chunk data")
+                    return NEED_DATA
+                if self._buf[:2] != b"\r\n":
+                    raise ParseError("chunk data not followed by CRLF")
+                self._drop(2)
+                self._state = _State.CHUNK_SIZE
+            else:  # TRAILERS
+                return self._trailer_event()
+
+    def _trailer_event(self) -> Event:
+        while True:
+            line = self._read_line(self.limits.trailer_size, "trailer section")
+            if line is None:
+                return NEED_DATA
+            if not line:
+                trailers, self._trailers = self._trailers, []
+                self._trailer_bytes = 0
+                self._state = _State.DONE
+                return EndOfMessage(trailers)
+            self._trailer_bytes += len(line) + 2
+            if self._trailer_bytes > self.limits.trailer_size:
+                raise ParseError("trailer section too large", status=431)
+            self._trailers.extend(self._parse_fields([line], self.limits.header_count))
+            if len(self._trailers) > self.limits.header_count:
+                raise ParseError("too many trailer fields", status=431)
+
+    def _enter_body(self, framing: Framing, length: int) -> None:
+        if framing is Framing.LENGTH:
+            self._state = _State.BODY_LENGTH
+            self._remaining = length
+        elif framing is Framing.CHUNKED:
+            self._state = _State.CHUNK_SIZE
+        elif framing is Framing.CLOSE:
+            self._state = _State.BODY_CLOSE
+        else:  # no body: the next event is EndOfMessage, as for every message
+            self._state = _State.BODY_LENGTH
+            self._remaining = 0
+
+
+def _parse_chunk_size(line: bytes) -> int:
+    m = _CHUNK_LINE.fullmatch(line)
+    if m is None:
+        raise ParseError("invalid chunk-size line")
+    size = int(m.group(1), 16)
+    if size > _MAX_CHUNK_SIZE:
+        raise ParseError("chunk size too large")
+    return size
+
+
+def parse_content_length(values: list[bytes]) -> int | None:
+    """The single Content-Length of a message, or None when absent.
+
+    RFC 9110 §8.6 lets a recipient accept a list of identical values (``42, 42``); anything
+    else — differing values, signs, spaces, non-digits — is invalid framing (RFC 9112 §6.3).
+    """
+    if not values:
+        return None
+    first = values[0]
+    for v in values:
+        if v != first:
+            raise ParseError("conflicting Content-Length values")
+    if _DIGITS.fullmatch(first) is None:
+        raise ParseError("invalid Content-Length")
+    return int(first)
+
+
+def _split_list(headers: Headers) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """Collect Content-Length, Transfer-Encoding and Connection values in one pass."""
+    cl: list[bytes] = []
+    te: list[bytes] = []
+    conn: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-length":
+            cl.extend(v.strip(b" \t") for v in value.split(b","))
+        elif lname == b"transfer-encoding":
+            te.extend(v.strip(b" \t").lower() for v in value.split(b","))
+        elif lname == b"connection":
+            conn.extend(v.strip(b" \t").lower() for v in value.split(b","))
+    return cl, [v for v in te if v], [v for v in conn if v]
+
+
+def _keep_alive(version: int, tokens: frozenset[bytes]) -> bool:
+    # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
+    if b"close" in tokens:
+        return False
+    return version >= 11 or b"keep-alive" in tokens
+
+
+class RequestParser(_Parser):
+    """Parses the requests a client sends on one connection."""
+
+    def __init__(self, limits: ParserLimits | None = None) -> None:
+        super().__init__(limits)
+        self._leading_crlf = 0
+
+    def next_event(self) -> Event:
+        """Return the next event; raises :class:`ParseError` on invalid input."""
+        state = self._state
+        if state is _State.HEAD:
+            return self._head_event()
+        if state is _State.DONE:
+            return PAUSED
+        if state is _State.ERROR:
+            raise ParseError("parser is in an error state")
+        try:
+            return self._body_event()
+        except ParseError:
+            self._state = _State.ERROR
+            raise
+
+    def _head_event(self) -> Event:
+        try:
+            self._skip_leading_crlf()
+            if not self._buf:
+                if self._eof:
+                    return CLOSED
+                return NEED_DATA
+            self._check_request_line_length()
+            head = self._find_head()
+            if head is None:
+                if self._eof:
+                    raise IncompleteMessage("connection closed inside the request head")
+                return NEED_DATA
+            req = self._parse_head(head)
+        except ParseError:
+            self._state = _State.ERROR
+            raise
+        self._enter_body(req.framing, req.content_length)
+        return req
+
+    def _skip_leading_crlf(self) -> None:
+        while self._buf[:2] == b"\r\n" and self._leading_crlf < _MAX_LEADING_CRLF:
+            self._drop(2)
+            self._leading_crlf += 1
+
+    def _check_request_line_length(self) -> None:
+        limit = self.limits.request_line
+        lf = self._buf.find(b"\n", 0, limit + 1)
+        if lf == -1 and len(self._buf) > limit:
+            raise ParseError("request line too long", status=414)
+
+    def _parse_head(self, head: bytes) -> RequestHead:
+        lines = head.split(b"\r\n")
+        method, target, version = _parse_request_line(lines[0], self.limits.request_line)
+        headers = self._parse_fields(lines[1:], self.limits.header_count)
+        req = RequestHead(method, target, version, headers)
+        _request_framing(req)
+        self._leading_crlf = 0
+        return req
+
+
+def _parse_request_line(line: bytes, limit: int) -> tuple[bytes, bytes, int]:
+    if len(line) > limit:
+        raise ParseError("request line too long", status=414)
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise ParseError("malformed request line")
+    method, target, version_b = parts
+    if _TOKEN.fullmatch(method) is None:
+        raise ParseError("invalid method")
+    if not target or _BAD_TARGET_CHAR.search(target) is not None:
+        raise ParseError("invalid request-target")
+    m = _HTTP_VERSION.fullmatch(version_b)
+    if m is None:
+        raise ParseError("malformed HTTP version")
+    if m.group(1) != b"1":
+        raise ParseError("HTTP version not supported", status=505)
+    return method, target, 10 if m.group(2) == b"0" else 11
+
+
+def _request_framing(req: RequestHead) -> None:
+    """Decide the request body length (RFC 9112 §6.3) or refuse ambiguous framing."""
+    cl_values, te, conn = _split_list(req.headers)
+    req.connection_tokens = frozenset(conn)
+    req.keep_alive = _keep_alive(req.version, req.connection_tokens)
+    if te or any(n.lower() == b"transfer-encoding" for n, _ in req.headers):
+        if req.version < 11:
+            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+            raise ParseError("Transfer-Encoding in an HTTP/1.0 request")
+        if cl_values:
+            # RFC 9112 §6.3 (3): both present is a smuggling attempt; refuse it.
+            raise ParseError("both Content-Length and Transfer-Encoding")
+        _check_request_codings(te)
+        req.framing = Framing.CHUNKED
+        return
+    length = parse_content_length(cl_values)
+    if length:
+        req.framing = Framing.LENGTH
+        req.content_length = length
+
+
+def _check_request_codings(codings: list[bytes]) -> None:
+    for c in codings:
+        if _TOKEN.fullmatch(c) is None:
+            raise ParseError("invalid Transfer-Encoding")
+    if not codings or codings[-1] != b"chunked":
+        # RFC 9112 §6.3 (4): a request whose final coding is not chunked cannot be framed.
+        raise ParseError("Transfer-Encoding must end with chunked")
+    if codings.count(b"chunked") > 1:
+        raise ParseError("chunked applied more than once")
+    if len(codings) > 1:
+        raise ParseError("unsupported transfer coding", status=501)
+
+
+class ResponseParser(_Parser):
+    """Parses the responses an origin sends on one connection.
+
+    Call :meth:`expect` with the request method before each response: a response to HEAD
+    has no body whatever its fields say (RFC 9112 §6.3 (1)).
+    """
+
+    def __init__(self, limits: ParserLimits | None = None) -> None:
+        super().__init__(limits)
+        self._method = b"GET"
+        self.seen_bytes = False  # any byte of the current response received
+
+    def expect(self, method: bytes) -> None:
+        """Set the method of the request whose response comes next."""
+        self._method = method
+        self.seen_bytes = False
+
+    def next_event(self) -> Event:
+        """Return the next event; raises :class:`ParseError` on invalid input."""
+        state = self._state
+        if state is _State.HEAD:
+            return self._head_event()
+        if state is _State.DONE:
+            return PAUSED
+        if state is _State.ERROR:
+            raise ParseError("parser is in an error state")
+        try:
+            return self._body_event()
+        except ParseError:
+            self._state = _State.ERROR
+            raise
+
+    def _head_event(self) -> Event:
+        if self._buf:
+            self.seen_bytes = True
+        try:
+            head = self._find_head()
+            if head is None:
+                if self._eof:
+                    if not self._buf:
+                        return CLOSED
+                    raise IncompleteMessage("connection closed inside the response head")
+                return NEED_DATA
+            resp = self._parse_head(head)
+        except ParseError:
+            self._state = _State.ERROR
+            raise
+        if resp.status >= 200:
+            self._enter_body(resp.framing, resp.content_length)
+        return resp
+
+    def _parse_head(self, head: bytes) -> ResponseHead:
+        lines = head.split(b"\r\n")
+        m = _STATUS_LINE.fullmatch(lines[0])
+        if m is None:
+            raise ParseError("malformed status line")
+        if m.group(1) != b"1":
+            raise ParseError("unsupported HTTP version in response")
+        headers = self._parse_fields(lines[1:], self.limits.header_count)
+        version = 10 if m.group(2) == b"0" else 11
+        resp = ResponseHead(int(m.group(3)), m.group(4) or b"", version, headers)
+        _response_framing(resp, self._method)
+        return resp
+
+
+def _response_framing(resp: ResponseHead, method: bytes) -> None:
+    """Decide the response body length (RFC 9112 §6.3)."""
+    cl_values, te, conn = _split_list(resp.headers)
+    resp.connection_tokens = frozenset(conn)
+    resp.keep_alive = _keep_alive(resp.version, resp.connection_tokens)
+    status = resp.status
+    if status < 200 or status in (204, 304) or method == b"HEAD":
+        resp.framing = Framing.NONE
+        if cl_values and method == b"HEAD":
+            parse_content_length(cl_values)  # still reject garbage
+        return
+    if te:
+        if cl_values:
+            raise ParseError("response has both Content-Length and Transfer-Encoding")
+        if te != [b"chunked"]:
+            raise ParseError("unsupported Transfer-Encoding in response")
+        resp.framing = Framing.CHUNKED
+        return
+    length = parse_content_length(cl_values)
+    if length is None:
+        resp.framing = Framing.CLOSE
+        resp.keep_alive = False
+    else:
+        resp.framing = Framing.LENGTH if length else Framing.NONE
+        resp.content_length = length
+
+
+# -- serialising -----------------------------------------------------------------------------
+
+def serialize_head(first_line: bytes, headers: Headers) -> bytes:
+    """Serialise a start line and fields into a head ending with the blank line."""
+    parts = [first_line]
+    for name, value in headers:
+        parts.append(name + b": " + value)
+    parts.append(b"\r\n")
+    return b"\r\n".join(parts)
+
+
+def chunk_frame(data: bytes) -> list[bytes]:
+    """Frame ``data`` as one chunk with a canonical size line (RFC 9112 §7.1)."""
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+
+def last_chunk(trailers: Headers) -> bytes:
+    """The last-chunk, trailer section and final CRLF of a chunked body."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"

@@ -1,0 +1,263 @@
+"""The per-origin connection pool of one worker: warm floor, LIFO reuse, bounded FIFO wait.
+
+The pool does the bookkeeping; connections do their own I/O. Decisions:
+
+* **warm floor** — keep ``warm`` idle handshaked connections ready from start-up on and
+  refill as they are taken, so a request never pays TCP + TLS set-up on its path;
+* **LIFO** — the most recently used idle connection is the least likely to have been closed
+  by the origin, and the rest age out by ``idle_ttl``;
+* **limit** — at most ``max_connections``; further requests queue FIFO until ``pool_wait``,
+  then get 503 ``connection_limit_reached``;
+* **freshness** — idle TTL (shortened by the origin's ``Keep-Alive: timeout``), lifetime and
+  a request budget; idle connections the origin closes are dropped at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Protocol
+
+from . import errors
+from .config import OriginConfig
+from .http1 import ParserLimits
+from .metrics import WorkerStats
+from .router import OriginKey
+from .upstream import Connector, ConnState, UpstreamConnection
+
+log = logging.getLogger("proxyd.pool")
+
+_MAX_BACKOFF = 30.0
+
+
+class Waiter(Protocol):
+    """A request waiting for a connection."""
+
+    def on_connection(self, conn: UpstreamConnection, reused: bool) -> None: ...
+    def on_pool_error(self, exc: errors.ProxyError) -> None: ...
+
+
+class Pool:
+    """Connections to one origin (scheme, host, port) within one worker."""
+
+    def __init__(self, key: OriginKey, settings: OriginConfig, connector: Connector,
+                 stats: WorkerStats, parser_limits: ParserLimits, pool_wait: float,
+                 max_waiters: int, learned: bool = False, learned_ttl: float = 300.0) -> None:
+        self.key = key
+        self.settings = settings
+        self.server_hostname = settings.server_hostname
+        self.connector = connector
+        self.stats = stats
+        self.parser_limits = parser_limits
+        self.pool_wait = pool_wait
+        self.max_waiters = max_waiters
+        self.learned = learned
+        self.learned_ttl = learned_ttl
+        self.idle: list[UpstreamConnection] = []
+        self.busy: set[UpstreamConnection] = set()
+        self.connecting = 0
+        self.waiters: collections.deque[tuple[float, Waiter]] = collections.deque()
+        self.last_used = time.monotonic()
+        self.failures = 0          # consecutive failed opens, for back-off
+        self.retry_at = 0.0        # no background refill before this time
+        self.last_error = ""
+        self.closed = False
+        self._refill_scheduled = False
+
+    def __repr__(self) -> str:
+        return (f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} "
+                f"connecting={self.connecting} waiting={len(self.waiters)}>")
+
+    @property
+    def total(self) -> int:
+        """Connections open or opening."""
+        return len(self.idle) + len(self.busy) + self.connecting
+
+    @property
+    def warm_floor(self) -> int:
+        """Idle connections to keep ready now (learned origins only while in use)."""
+        if self.closed:
+            return 0
+        if self.learned and time.monotonic() - self.last_used > self.learned_ttl:
+            return 0
+        return self.settings.warm
+
+    # -- acquire / release --------------------------------------------------------------------
+    def acquire(self, waiter: Waiter, fresh: bool = False) -> None:
+        """Give ``waiter`` a connection now, or queue it until one is ready.
+
+        ``fresh`` skips idle connections: used for the one retry after a reused
+        connection failed, when the other idle ones may be just as stale.
+        """
+        now = time.monotonic()
+        self.last_used = now
+        if not fresh:
+            conn = self._pop_idle(now)
+            if conn is not None:
+                self._hand(conn, waiter, reused=True)
+                self._schedule_refill()
+                return
+        if len(self.waiters) >= self.max_waiters:
+            waiter.on_pool_error(errors.ConnectionLimitReached(
+                f"too many requests waiting for a connection to {self.key}"))
+            return
+        self.waiters.append((now + self.pool_wait, waiter))
+        self.stats.pool_misses += 1
+        self._open_for_waiters()
+
+    def _pop_idle(self, now: float) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            reason = conn.expired(now)
+            if not reason:
+                return conn
+            conn.close(reason)
+        return None
+
+    def _hand(self, conn: UpstreamConnection, waiter: Waiter, reused: bool) -> None:
+        conn.state = ConnState.BUSY
+        self.busy.add(conn)
+        if reused:
+            self.stats.upstream_reused += 1
+        waiter.on_connection(conn, reused)
+
+    def cancel(self, waiter: Waiter) -> None:
+        """Forget a waiter whose client went away."""
+        for i, (_, w) in enumerate(self.waiters):
+            if w is waiter:
+                del self.waiters[i]
+                return
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Return a connection after an exchange; closes it unless it is clean and fresh."""
+        if conn.state is ConnState.CLOSED:
+            return
+        now = time.monotonic()
+        reason = "" if reusable else "not_reusable"
+        reason = reason or conn.expired(now) or ("pool_closed" if self.closed else "")
+        if reason:
+            conn.close(reason)
+            return
+        self.busy.discard(conn)
+        if self.waiters:
+            _, waiter = self.waiters.popleft()
+            self._hand(conn, waiter, reused=True)
+            return
+        conn.state = ConnState.IDLE
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def on_closed(self, conn: UpstreamConnection, reason: str) -> None:
+        """Called by a connection when it closes, whatever the cause."""
+        self.busy.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        self.stats.upstream_closed += 1
+        log.debug("closed %r reason=%s", conn, reason)
+
+    # -- opening ------------------------------------------------------------------------------
+    def _open_for_waiters(self) -> None:
+        while self.connecting < len(self.waiters) and self.total < self.settings.max_connections:
+            self._start_open()
+
+    def _schedule_refill(self) -> None:
+        if not self._refill_scheduled:
+            self._refill_scheduled = True
+            asyncio.get_running_loop().call_soon(self._refill)
+
+    def _refill(self) -> None:
+        self._refill_scheduled = False
+        if time.monotonic() < self.retry_at:
+            return
+        need = self.warm_floor - len(self.idle) - self.connecting
+        room = self.settings.max_connections - self.total
+        for _ in range(max(0, min(need, room))):
+            self._start_open()
+
+    def _start_open(self) -> None:
+        self.connecting += 1
+        asyncio.ensure_future(self._open())
+
+    async def _open(self) -> None:
+        try:
+            conn, handshake = await self.connector.open(self)
+        except errors.ProxyError as exc:
+            self.connecting -= 1
+            self._open_failed(exc)
+            return
+        except BaseException:
+            self.connecting -= 1
+            raise
+        self.connecting -= 1
+        self._opened(conn, handshake)
+
+    def _opened(self, conn: UpstreamConnection, handshake: float) -> None:
+        stats = self.stats
+        stats.upstream_opened += 1
+        if self.key.tls:
+            stats.handshakes += 1
+            stats.handshake_seconds += handshake
+        if self.failures:
+            log.info("origin %s reachable again after %d failed attempts", self.key, self.failures)
+        self.failures = 0
+        self.retry_at = 0.0
+        if self.closed:
+            conn.close("pool_closed")
+        elif self.waiters:
+            _, waiter = self.waiters.popleft()
+            self._hand(conn, waiter, reused=False)
+        else:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+
+    def _open_failed(self, exc: errors.ProxyError) -> None:
+        self.failures += 1
+        self.last_error = exc.reason
+        if isinstance(exc, (errors.TlsCertificateError, errors.TlsProtocolError)):
+            self.stats.handshake_failures += 1
+        backoff = min(_MAX_BACKOFF, 0.5 * 2 ** min(self.failures, 8))
+        self.retry_at = time.monotonic() + backoff
+        if self.failures == 1:  # log once per outage, not once per attempt
+            log.warning("cannot open connection to %s: %s (retrying in the background)",
+                        self.key, exc.reason)
+        # The failure speaks for the origin now: fail the oldest waiter not covered by
+        # another connection still being opened.
+        if self.waiters and len(self.waiters) > self.connecting:
+            _, waiter = self.waiters.popleft()
+            waiter.on_pool_error(exc)
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def sweep(self, now: float) -> None:
+        """Periodic upkeep: expire idle connections and waiters, refill the warm floor."""
+        for conn in [c for c in self.idle if c.expired(now)]:
+            conn.close(conn.expired(now))
+        while self.waiters and self.waiters[0][0] <= now:
+            _, waiter = self.waiters.popleft()
+            waiter.on_pool_error(self._wait_error())
+        self._open_for_waiters()
+        self._refill()
+
+    def _wait_error(self) -> errors.ProxyError:
+        if self.total >= self.settings.max_connections:
+            return errors.ConnectionLimitReached(
+                f"all {self.settings.max_connections} connections to {self.key} are busy "
+                f"and none became free within {self.pool_wait:g} s")
+        return errors.ConnectionTimeout(
+            f"no connection to {self.key} could be opened within {self.pool_wait:g} s")
+
+    @property
+    def unused(self) -> bool:
+        """True for a learned pool that is idle and past its TTL (can be dropped)."""
+        return (self.learned and not self.busy and not self.waiters and not self.connecting
+                and time.monotonic() - self.last_used > self.learned_ttl)
+
+    def close(self) -> None:
+        """Stop refilling and close idle connections; busy ones close on release."""
+        self.closed = True
+        for conn in list(self.idle):
+            conn.close("pool_closed")

@@ -1,0 +1,146 @@
+"""Decide where a request goes: the origin (scheme, host, port) and the upstream target.
+
+A forward proxy receives absolute-form targets (RFC 9112 §3.2.2) and, for CONNECT,
+authority-form (§3.2.3). proxyd upgrades ``http://`` to TLS on the wire unless the origin is
+configured ``tls = false``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from .config import Config, OriginConfig
+from .errors import ParseError, ProxyError
+
+# RFC 3986 §3.2.2 reg-name (unreserved / pct-encoded / sub-delims), kept to DNS-ish names.
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=]+")
+
+
+@dataclass(frozen=True, slots=True)
+class OriginKey:
+    """Identity of a pool: connections are only shared between equal keys."""
+
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes."""
+
+    origin: OriginKey
+    target: bytes         # origin-form (or "*") to send upstream
+    host_header: bytes    # Host field value from the URI authority (RFC 9112 §3.2.2)
+    settings: OriginConfig | None  # configured origin, or None for a learned one
+
+
+def split_authority(authority: str) -> tuple[str, int | None]:
+    """Split ``host[:port]`` into a validated, lower-cased host and an optional port."""
+    if "@" in authority:
+        # RFC 9110 §4.2.4: userinfo in http(s) URIs is deprecated and a phishing vector.
+        raise ParseError("userinfo is not allowed in the request target")
+    port: int | None = None
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end == -1:
+            raise ParseError("invalid IPv6 literal in authority")
+        host, rest = authority[1:end], authority[end + 1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ParseError("invalid IPv6 literal in authority") from None
+    else:
+        host, colon, rest = authority.partition(":")
+        rest = colon + rest
+        if not host or _REG_NAME.fullmatch(host) is None:
+            raise ParseError("invalid host in authority")
+    if rest:
+        if not rest.startswith(":") or not rest[1:].isdigit() or not 0 < int(rest[1:]) < 65536:
+            raise ParseError("invalid port in authority")
+        port = int(rest[1:])
+    return host.lower(), port
+
+
+class Router:
+    """Maps request targets to origins, using the configured origins first."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._origins: dict[tuple[str, int], OriginConfig] = {
+            (o.host.lower(), o.port): o for o in cfg.origin
+        }
+        self._default: tuple[str, int | None] | None = None
+        if cfg.default_origin:
+            self._default = split_authority(cfg.default_origin)
+
+    def configured(self, host: str, port: int) -> OriginConfig | None:
+        """The configured origin for host:port, if any."""
+        return self._origins.get((host, port))
+
+    def route(self, method: bytes, target: bytes) -> Route:
+        """Route a non-CONNECT request; raises :class:`ProxyError` with a clear reason."""
+        if target[:1] == b"/" or target == b"*":
+            return self._route_origin_form(method, target)
+        scheme, sep, rest = target.partition(b"://")
+        scheme = scheme.lower()
+        if not sep or scheme not in (b"http", b"https"):
+            raise ParseError("request target must be an absolute http:// URI")
+        authority, path = _split_path(rest)
+        if b"#" in path:
+            raise ParseError("fragment in request target")
+        host, port = split_authority(authority.decode("ascii"))
+        if not path:
+            path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 §3.2.4
+        return self._make_route(host, port, path, authority)
+
+    def _route_origin_form(self, method: bytes, target: bytes) -> Route:
+        if self._default is None:
+            raise ProxyError(
+                "proxyd is a forward proxy: send absolute-form requests "
+                "(GET http://host/path) by setting HTTP_PROXY, or configure default_origin",
+                status=400, error_type="http_request_error")
+        host, port = self._default
+        authority = host if port is None else f"{host}:{port}"
+        return self._make_route(host, port, target, authority.encode())
+
+    def _make_route(self, host: str, port: int | None, path: bytes, authority: bytes) -> Route:
+        settings: OriginConfig | None
+        if port is None:
+            # No explicit port: a configured TLS origin on 443 or a plain one on 80, else
+            # the default upgrade to https on 443.
+            settings = self._origins.get((host, 443)) or self._origins.get((host, 80))
+            port = settings.port if settings else 443
+        else:
+            settings = self._origins.get((host, port))
+        tls = settings.tls if settings else True
+        return Route(OriginKey(host, port, tls), path, authority, settings)
+
+    def route_connect(self, target: bytes) -> tuple[str, int]:
+        """Validate a CONNECT authority-form target (RFC 9112 §3.2.3)."""
+        try:
+            host, port = split_authority(target.decode("ascii"))
+        except UnicodeDecodeError:
+            raise ParseError("invalid CONNECT target") from None
+        if port is None:
+            raise ParseError("CONNECT target needs host:port")
+        if port not in self.cfg.connect_ports:
+            raise ProxyError(f"CONNECT to port {port} is not allowed (connect_ports)",
+                             status=403, error_type="destination_ip_prohibited")
+        return host, port
+
+
+def _split_path(rest: bytes) -> tuple[bytes, bytes]:
+    for i, c in enumerate(rest):
+        if c in b"/?#":
+            path = rest[i:]
+            if c == ord("?"):
+                path = b"/" + path
+            return rest[:i], path
+    return rest, b""

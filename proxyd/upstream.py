@@ -1,0 +1,325 @@
+"""One upstream connection: its protocol, state, freshness, and connect-error mapping.
+
+An idle connection keeps reading (asyncio always reads unless paused), so EOF or stray bytes
+from the origin drop it at once instead of failing the next request. TLS 1.3 session tickets
+are consumed by the SSL object and never surface as data, so they do not count as stray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from . import errors
+from .http1 import CLOSED, NEED_DATA, PAUSED, EndOfMessage, ParseError, ResponseHead, ResponseParser
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*([0-9]+)", re.I)
+_KEEP_ALIVE_MAX = re.compile(rb"(?:^|[,;\s])max\s*=\s*([0-9]+)", re.I)
+
+
+class ConnState(enum.Enum):
+    """Where a connection is in its life."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    CLOSED = "closed"
+
+
+class Exchange(Protocol):
+    """What an upstream connection reports to the request using it."""
+
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_data(self, data: bytes) -> None: ...
+    def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_upstream_error(self, exc: errors.ProxyError, retryable: bool) -> None: ...
+    def pause_request_body(self) -> None: ...
+    def resume_request_body(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """An HTTP/1.1 connection to one origin, owned by a :class:`Pool`."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser(pool.parser_limits)
+        self.state = ConnState.IDLE
+        self.exchange: Exchange | None = None
+        self.created = time.monotonic()
+        self.idle_since = self.created
+        self.requests = 0
+        self.ttl = pool.settings.idle_ttl
+        self.max_requests = pool.settings.max_requests
+        self.close_reason = ""
+        self.writing_paused = False
+        self.reading_paused = False
+        self.from_idle = False  # the current request took this connection from the idle list
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.pool.key} {self.state.value} requests={self.requests}>"
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes on an idle connection: the origin broke framing or is about to close.
+            self.close("unexpected_data")
+            return
+        self.parser.feed(data)
+        self._deliver(exchange)
+
+    def eof_received(self) -> bool:
+        exchange = self.exchange
+        if exchange is None:
+            self.close("origin_closed")
+            return False
+        self.parser.feed(b"")
+        self._deliver(exchange)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        if self.state is not ConnState.CLOSED:
+            self.state = ConnState.CLOSED
+            self.pool.on_closed(self, self.close_reason or ("error" if exc else "origin_closed"))
+        if exchange is not None:
+            err = errors.ResponseIncomplete("origin closed the connection before the response was complete")
+            exchange.on_upstream_error(err, self._retryable())
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        if self.exchange is not None:
+            self.exchange.pause_request_body()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.exchange is not None:
+            self.exchange.resume_request_body()
+
+    # -- response events ----------------------------------------------------------------------
+    def _deliver(self, exchange: Exchange) -> None:
+        parser = self.parser
+        while self.exchange is exchange:
+            try:
+                event = parser.next_event()
+            except ParseError as exc:
+                self._fail(exchange, exc)
+                return
+            if event is NEED_DATA or event is PAUSED:
+                return
+            if type(event) is bytes:
+                exchange.on_response_data(event)
+            elif type(event) is ResponseHead:
+                if event.status >= 200:
+                    self._note_keep_alive(event)
+                exchange.on_response_head(event)
+            elif type(event) is EndOfMessage:
+                exchange.on_response_end(event.trailers)
+            elif event is CLOSED:
+                self._fail(exchange, errors.ResponseIncomplete(
+                    "origin closed the connection without a response"))
+                return
+
+    def _fail(self, exchange: Exchange, exc: errors.ProxyError) -> None:
+        if isinstance(exc, ParseError) and not isinstance(exc, errors.UpstreamError):
+            kind = errors.ResponseIncomplete if "closed" in exc.reason else errors.UpstreamError
+            exc = kind(f"invalid response from origin: {exc.reason}")
+        retryable = self._retryable()
+        self.exchange = None
+        self.close("error")
+        exchange.on_upstream_error(exc, retryable)
+
+    def _retryable(self) -> bool:
+        """A request may be retried if it ran on a connection that had sat idle (the origin
+        may have closed it meanwhile) and no byte of a response arrived."""
+        return self.from_idle and not self.parser.seen_bytes
+
+    def _note_keep_alive(self, head: ResponseHead) -> None:
+        # Honour the origin's Keep-Alive parameters (RFC 2068 §19.7.1.1, still widely sent):
+        # close before the origin's idle timeout, and not beyond its request budget.
+        ka = head.get(b"keep-alive")
+        if ka is None:
+            return
+        m = _KEEP_ALIVE_TIMEOUT.search(ka)
+        if m:
+            origin_timeout = int(m.group(1))
+            self.ttl = min(self.ttl, max(0.5, origin_timeout - 1.0))
+        m = _KEEP_ALIVE_MAX.search(ka)
+        if m:
+            self.max_requests = min(self.max_requests, self.requests + int(m.group(1)))
+
+    # -- use by the pool and the exchange -----------------------------------------------------
+    def start(self, exchange: Exchange, method: bytes, from_idle: bool) -> None:
+        """Attach a request; its response will be reported to ``exchange``."""
+        self.exchange = exchange
+        self.from_idle = from_idle
+        self.state = ConnState.BUSY
+        self.requests += 1
+        self.parser.expect(method)
+
+    def write(self, data: bytes) -> None:
+        """Send request bytes."""
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, parts: list[bytes]) -> None:
+        """Send several pieces of request bytes."""
+        self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def finish(self) -> bool:
+        """Detach the exchange after a complete response; True if reusable.
+
+        Reusable only when both messages reached their end cleanly and nothing unread is
+        buffered (HAProxy's rule): anything else could hand one client's bytes to another.
+        """
+        self.exchange = None
+        parser = self.parser
+        if not parser.done or parser.buffered or parser.at_eof:
+            return False
+        parser.start_next()
+        return True
+
+    def expired(self, now: float) -> str:
+        """The reason this connection must not be reused now, or ""."""
+        if self.requests >= self.max_requests:
+            return "max_requests"
+        if now - self.created >= self.pool.settings.lifetime:
+            return "lifetime"
+        if self.state is ConnState.IDLE and now - self.idle_since >= self.ttl:
+            return "idle_ttl"
+        return ""
+
+    def pause_reading(self) -> None:
+        """Stop reading the response (the client is slow)."""
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the response again."""
+        if self.transport is not None and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self, reason: str) -> None:
+        """Close the connection and tell the pool why."""
+        if self.state is ConnState.CLOSED:
+            return
+        self.close_reason = reason
+        self.exchange = None
+        self.state = ConnState.CLOSED
+        self.pool.on_closed(self, reason)
+        if self.transport is not None:
+            self.transport.abort() if reason == "error" else self.transport.close()
+
+
+def map_connect_error(exc: BaseException, host: str, port: int, stage: str) -> errors.ProxyError:
+    """Turn a socket/TLS exception into an error with the right RFC 9209 type."""
+    where = f"{host}:{port}"
+    if isinstance(exc, errors.ProxyError):
+        return exc
+    if isinstance(exc, socket.gaierror):
+        return errors.DnsError(f"DNS lookup for {host} failed: {exc.strerror}",
+                               details=str(exc.strerror))
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return errors.TlsCertificateError(
+            f"certificate of {where} not trusted: {exc.verify_message}",
+            details=str(exc.verify_message))
+    if isinstance(exc, ssl.SSLError):
+        return errors.TlsProtocolError(f"TLS handshake with {where} failed: {exc.reason}",
+                                       details=str(exc.reason))
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return errors.ConnectionTimeout(f"{stage} to {where} timed out")
+    if isinstance(exc, ConnectionRefusedError):
+        return errors.ConnectionRefused(f"connection to {where} refused")
+    if isinstance(exc, ConnectionError) and stage == "TLS handshake":
+        return errors.TlsProtocolError(f"{where} closed the connection during the TLS handshake")
+    if isinstance(exc, OSError):
+        return errors.UpstreamError(f"cannot connect to {where}: {exc.strerror or exc}",
+                                    error_type="destination_unavailable")
+    return errors.UpstreamError(f"cannot connect to {where}: {exc!r}",
+                                error_type="proxy_internal_error")
+
+
+def make_ssl_context(verify: bool, ca_file: str, min_version: str) -> ssl.SSLContext:
+    """One client context per trust configuration: verification, hostname check, TLS 1.2+."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class Connector:
+    """Opens upstream connections: DNS, TCP connect, TLS handshake, each with its timeout."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, connect_timeout: float,
+                 handshake_timeout: float) -> None:
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+
+    async def open(self, pool: Pool) -> tuple[UpstreamConnection, float]:
+        """Open a connection for ``pool``; returns it and the handshake time in seconds."""
+        key = pool.key
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                sock = await self._connect_tcp(loop, key.host, key.port)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise map_connect_error(_unwrap_timeout(exc), key.host, key.port, "connect") from None
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.handshake_timeout + 0.5):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(pool), sock=sock,
+                    ssl=self.ssl_context if key.tls else None,
+                    server_hostname=pool.server_hostname if key.tls else None,
+                    ssl_handshake_timeout=self.handshake_timeout if key.tls else None)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            stage = "TLS handshake" if key.tls else "connect"
+            raise map_connect_error(_unwrap_timeout(exc), key.host, key.port, stage) from None
+        return conn, time.monotonic() - started
+
+    @staticmethod
+    async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        last: BaseException = OSError(f"no addresses for {host}")
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, addr)
+                return sock
+            except BaseException as exc:
+                sock.close()
+                if not isinstance(exc, OSError):
+                    raise
+                last = exc
+        raise last
+
+
+def _unwrap_timeout(exc: BaseException) -> BaseException:
+    # asyncio reports a handshake timeout as ConnectionAbortedError("SSL handshake is taking
+    # longer than ..."); treat it as the timeout it is.
+    if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
+        return TimeoutError(str(exc))
+    return exc

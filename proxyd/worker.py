@@ -1,0 +1,166 @@
+"""A worker process: one asyncio event loop, its client connections and its pools.
+
+Workers share nothing mutable: each has its own SSLContext, pools and counters, and talks
+to the master through a pipe (``ready``, later periodic stats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+from .client import ClientConnection, ClientState
+from .config import Config, OriginConfig
+from .headers import via_entry
+from .http1 import ParserLimits
+from .metrics import WorkerStats
+from .pool import Pool
+from .router import OriginKey, Route, Router
+from .upstream import Connector, make_ssl_context
+
+log = logging.getLogger("proxyd.worker")
+
+_TICK = 0.25          # seconds between housekeeping passes (deadlines, pool upkeep)
+_STATS_EVERY = 1.0    # seconds between stats reports to the master
+
+
+class Worker:
+    """Serves client connections accepted on the shared listening socket."""
+
+    def __init__(self, cfg: Config, listen_sock: socket.socket, report_fd: int | None) -> None:
+        self.cfg = cfg
+        self.sock = listen_sock
+        self.report_fd = report_fd
+        self.timeouts = cfg.timeouts
+        self.limits = cfg.limits
+        lim = cfg.limits
+        self.parser_limits = ParserLimits(lim.request_line, lim.head_size, lim.header_count,
+                                          lim.chunk_line, lim.trailer_size)
+        self.router = Router(cfg)
+        self.stats = WorkerStats()
+        self.clients: set[ClientConnection] = set()
+        self.pools: dict[OriginKey, Pool] = {}
+        self.draining = False
+        self._via10 = via_entry(10, cfg.via)
+        self._via11 = via_entry(11, cfg.via)
+        ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
+        self.connector = Connector(ctx, cfg.timeouts.connect, cfg.timeouts.tls_handshake)
+        self._stop = asyncio.Event()
+        self._parent = os.getppid()
+
+    def via(self, version: int) -> bytes:
+        """This hop's Via entry for a message of ``version`` (10 or 11)."""
+        return self._via10 if version == 10 else self._via11
+
+    # -- pools --------------------------------------------------------------------------------
+    def pool_for(self, route: Route) -> Pool:
+        """The pool of the route's origin, created on first use (a learned origin)."""
+        pool = self.pools.get(route.origin)
+        if pool is None:
+            settings = route.settings or self._learned_settings(route.origin)
+            pool = self._make_pool(route.origin, settings, learned=route.settings is None)
+        return pool
+
+    def _learned_settings(self, key: OriginKey) -> OriginConfig:
+        p = self.cfg.pool
+        return OriginConfig(host=key.host, port=key.port, tls=key.tls, warm=p.learned_warm,
+                            max_connections=p.max_connections, idle_ttl=p.idle_ttl,
+                            lifetime=p.lifetime, max_requests=p.max_requests)
+
+    def _make_pool(self, key: OriginKey, settings: OriginConfig, learned: bool) -> Pool:
+        pool = Pool(key, settings, self.connector, self.stats, self.parser_limits,
+                    self.timeouts.pool_wait, self.limits.pool_waiters, learned=learned,
+                    learned_ttl=self.cfg.pool.learned_ttl)
+        self.pools[key] = pool
+        return pool
+
+    def _start_configured_pools(self) -> None:
+        for o in self.cfg.origin:
+            key = OriginKey(o.host.lower(), o.port, o.tls)
+            self._make_pool(key, o, learned=False)._refill()
+
+    def _warm(self) -> bool:
+        """True when every configured pool reached its floor or has given up for now."""
+        return all(len(p.idle) >= p.settings.warm or p.failures
+                   for p in self.pools.values() if not p.learned)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until SIGTERM, then drain."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(0))
+        server = await loop.create_server(lambda: ClientConnection(self), sock=self.sock,
+                                          backlog=1024)
+        self._start_configured_pools()
+        housekeeping = asyncio.ensure_future(self._housekeeping())
+        await self._report_ready()
+        await self._stop.wait()
+        await self._drain(server)
+        housekeeping.cancel()
+
+    async def _report_ready(self) -> None:
+        deadline = time.monotonic() + self.timeouts.connect + self.timeouts.tls_handshake + 1
+        while not self._warm() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._report({"event": "ready", "pid": os.getpid(),
+                      "warm": sum(len(p.idle) for p in self.pools.values())})
+
+    def _report(self, message: dict[str, object]) -> None:
+        if self.report_fd is None:
+            return
+        try:
+            os.write(self.report_fd, json.dumps(message).encode() + b"\n")
+        except OSError:
+            self._stop.set()  # the master is gone
+
+    async def _housekeeping(self) -> None:
+        last_stats = 0.0
+        while True:
+            await asyncio.sleep(_TICK)
+            now = time.monotonic()
+            for client in list(self.clients):
+                client.check_deadline(now)
+            for key, pool in list(self.pools.items()):
+                pool.sweep(now)
+                if pool.unused:
+                    pool.close()
+                    del self.pools[key]
+            if os.getppid() != self._parent:
+                log.warning("master process is gone; worker stopping")
+                self._stop.set()
+            if now - last_stats >= _STATS_EVERY:
+                last_stats = now
+                self._report({"event": "stats", "pid": os.getpid(), **self.stats.snapshot()})
+
+    async def _drain(self, server: asyncio.AbstractServer) -> None:
+        """Stop accepting, let in-flight exchanges finish, close the rest."""
+        self.draining = True
+        server.close()
+        deadline = time.monotonic() + self.timeouts.shutdown
+        while time.monotonic() < deadline:
+            for client in list(self.clients):
+                if client.state is ClientState.HEAD and not client.head_started:
+                    client.check_deadline(float("inf"))
+            if not self.clients:
+                break
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            if client.transport is not None:
+                client.transport.abort()
+        for pool in self.pools.values():
+            pool.close()
+
+
+def worker_main(cfg: Config, listen_sock: socket.socket, report_fd: int | None) -> int:
+    """Entry point of a forked worker; returns the exit status."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides how to stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    worker = Worker(cfg, listen_sock, report_fd)
+    asyncio.run(worker.run())
+    return 0
