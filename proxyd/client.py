@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import socket
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -77,6 +78,11 @@ class ClientConnection(asyncio.Protocol):
         self.retried = False
         self.reused = False
         self.started = 0.0
+        self.t_conn = 0.0  # upstream connection obtained
+        self.t_head = 0.0  # response head received
+        self.bytes_in = 0  # request body bytes
+        self.bytes_out = 0  # response body bytes
+        self.logged = False
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.peer} {self.state.value}>"
@@ -84,6 +90,11 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol: client side --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.proto != socket.IPPROTO_TCP:
+            # asyncio skips TCP_NODELAY when the listener was made with proto 0 (e.g. an
+            # inherited fd); without it a head and body written apart wait 40 ms for an ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.worker.clients.add(self)
@@ -132,6 +143,8 @@ class ClientConnection(asyncio.Protocol):
             # The exchange did not finish: its connection holds a partial message.
             self.upstream = None
             upstream.close("client_aborted")
+        if self.req is not None and state is not ClientState.HEAD:
+            self._log(self.resp.status if self.resp else 0, "client_aborted")
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -256,6 +269,7 @@ class ClientConnection(asyncio.Protocol):
         if reused:
             stats.warm_hits += 1
         self.reused = reused
+        self.t_conn = time.monotonic()
         self.upstream = conn
         self.state = ClientState.ACTIVE
         conn.start(self, req.method, reused)
@@ -298,6 +312,7 @@ class ClientConnection(asyncio.Protocol):
             if event is NEED_DATA or event is PAUSED:
                 break
             if type(event) is bytes:
+                self.bytes_in += len(event)
                 parts = chunk_frame(event) if chunked else [event]
                 upstream.writelines(parts)
                 self._retain(parts)
@@ -362,6 +377,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.resp = head
         self.resp_started = True
+        self.t_head = time.monotonic()
         framing = head.framing
         if framing is Framing.CHUNKED or framing is Framing.CLOSE:
             # HTTP/1.0 clients cannot take chunked: send raw and close (RFC 9112 §7).
@@ -377,6 +393,7 @@ class ClientConnection(asyncio.Protocol):
         """A piece of response body."""
         stats = self.worker.stats
         stats.bytes_to_clients += len(data)
+        self.bytes_out += len(data)
         if self.out_framing is Framing.CHUNKED:
             self.transport.writelines(chunk_frame(data))  # type: ignore[union-attr]
         else:
@@ -385,6 +402,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """The response is complete."""
+        self._log(self.resp.status if self.resp else 0, "")
         if self.out_framing is Framing.CHUNKED:
             self.transport.write(last_chunk(filter_trailers(trailers)))  # type: ignore[union-attr]
         conn = self.upstream
@@ -460,6 +478,7 @@ class ClientConnection(asyncio.Protocol):
         if self.resp_started or self.state is ClientState.CLOSED:
             # Part of the response is out: closing is the only honest signal (the client
             # sees a short body or a missing last chunk, never a falsely complete one).
+            self._log(self.resp.status if self.resp else 0, exc.error_type)
             self._close()
             return
         if not self.req_done:
@@ -477,9 +496,27 @@ class ClientConnection(asyncio.Protocol):
             phrase = HTTPStatus(exc.status).phrase
         except ValueError:
             phrase = "Error"
+        self._log(exc.status, exc.error_type)
         head_only = self.req is not None and self.req.method == b"HEAD"
         self.transport.write(error_response(exc.status, phrase, exc.error_type, exc.reason,
                                             self.keep_alive, exc.details, head_only))
+
+    def _log(self, status: int, error: str) -> None:
+        """Write the exchange's access-log line (once)."""
+        access = self.worker.access_log
+        req = self.req
+        if self.logged or not access.enabled:
+            return
+        self.logged = True
+        now = time.monotonic()
+        started = self.started or now
+        origin = str(self.route.origin) if self.route else "-"
+        path = self.route.target if self.route else (req.target if req else b"-")
+        wait = self.t_conn - started if self.t_conn else now - started
+        ttfb = self.t_head - self.t_conn if self.t_head and self.t_conn else 0.0
+        access.record(self.peer, req.method if req else b"-", origin, path, status, self.bytes_in,
+                      self.bytes_out, now - started, wait, ttfb, self.reused, self.retried,
+                      error)
 
     def _finish(self) -> None:
         """The exchange is over; read the next request or close."""

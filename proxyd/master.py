@@ -42,7 +42,8 @@ def bind_listener(address: str, source: str, backlog: int = 1024) -> socket.sock
     """Create the shared listening socket (kept open for the master's whole life)."""
     host, port = parse_hostport(address, 3128, "listen", source)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets whose proto says TCP.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(backlog)

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 
+from .accesslog import AccessLog
 from .client import ClientConnection, ClientState
 from .config import Config, OriginConfig
 from .headers import via_entry
@@ -46,6 +47,7 @@ class Worker:
         self.clients: set[ClientConnection] = set()
         self.pools: dict[OriginKey, Pool] = {}
         self.draining = False
+        self.access_log = AccessLog(cfg.access_log)
         self._via10 = via_entry(10, cfg.via)
         self._via11 = via_entry(11, cfg.via)
         ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
@@ -124,6 +126,7 @@ class Worker:
         while True:
             await asyncio.sleep(_TICK)
             now = time.monotonic()
+            self.access_log.flush()
             for client in list(self.clients):
                 client.check_deadline(now)
             for key, pool in list(self.pools.items()):
@@ -155,6 +158,7 @@ class Worker:
                 client.transport.abort()
         for pool in self.pools.values():
             pool.close()
+        self.access_log.flush()
 
 
 def worker_main(cfg: Config, listen_sock: socket.socket, report_fd: int | None) -> int:
