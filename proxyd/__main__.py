@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.setup(cfg.log_level)
     from . import master
-    return master.run(cfg)
+    # SIGHUP re-reads the same file with the same flags on top.
+    return master.run(cfg, loader=lambda: load_config(args))
 
 
 if __name__ == "__main__":

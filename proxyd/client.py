@@ -246,7 +246,7 @@ class ClientConnection(asyncio.Protocol):
     def _fail_early(self, exc: errors.ProxyError) -> None:
         """An error before anything went upstream; the request body (if any) is unread."""
         req = self.req
-        if req is not None and req.framing is not Framing.NONE:
+        if req is not None and req.has_body:
             self.keep_alive = False  # cannot find the next request without reading the body
         elif req is not None:
             self.parser.next_event()  # the EndOfMessage of a body-less request
@@ -408,7 +408,9 @@ class ClientConnection(asyncio.Protocol):
         conn = self.upstream
         self.upstream = None
         if conn is not None:
-            reusable = conn.finish() and self.req_done
+            # RFC 9112 §9.6: no further request after the origin said "close".
+            keep = self.resp is not None and self.resp.keep_alive
+            reusable = conn.finish() and self.req_done and keep
             if conn.reading_paused:
                 conn.resume_reading()
             self.pool.release(conn, reusable)  # type: ignore[union-attr]

@@ -227,7 +227,7 @@ def parse_hostport(value: str, default_port: int, key: str, source: str) -> tupl
 
 
 def _port(text: str, key: str, source: str, allow_zero: bool = True) -> int:
-    if not text.isdigit() or not (0 if allow_zero else 1) <= int(text) <= 65535:
+    if not text.isascii() or not text.isdigit() or not (0 if allow_zero else 1) <= int(text) <= 65535:
         raise ConfigError(f"{source}: {key}: invalid port {text!r}")
     return int(text)
 

@@ -67,7 +67,7 @@ def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: byt
         headers.append((b"Content-Length", b"%d" % req.content_length))
     elif req.framing is Framing.CHUNKED:
         headers.append((b"Transfer-Encoding", b"chunked"))
-    if b"trailers" in field_values(req.headers, b"te"):
+    if b"trailers" in (v.lower() for v in field_values(req.headers, b"te")):
         # TE is hop-by-hop; "trailers" is ours to repeat, with Connection: TE (§10.1.4).
         headers += [(b"TE", b"trailers"), (b"Connection", b"TE")]
     headers.append((b"Via", via))
@@ -107,7 +107,10 @@ def error_response(status: int, reason_phrase: str, error_type: str, message: st
     body = (message + "\n").encode("utf-8", "replace")
     proxy_status = f"proxyd; error={error_type}"
     if details:
-        safe = details.replace("\\", "\\\\").replace('"', '\\"')
+        # An sf-string (RFC 8941 §3.3.3) holds printable ASCII only; anything else from an
+        # exception message becomes "?" so it can never break the field or inject one.
+        printable = "".join(c if " " <= c <= "~" else "?" for c in details)
+        safe = printable.replace("\\", "\\\\").replace('"', '\\"')
         proxy_status += f'; details="{safe}"'
     headers: Headers = [
         (b"Content-Type", b"text/plain; charset=utf-8"),

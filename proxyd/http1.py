@@ -85,6 +85,11 @@ class RequestHead:
         """First value of the field named ``lname`` (lower case), or None."""
         return get_field(self.headers, lname)
 
+    @property
+    def has_body(self) -> bool:
+        """True when body bytes follow the head."""
+        return self.framing is Framing.CHUNKED or self.content_length > 0
+
 
 @dataclass(slots=True)
 class ResponseHead:
@@ -312,12 +317,14 @@ class _Parser:
         self._remaining -= len(chunk)
         return chunk
 
-    def _read_line(self, limit: int, what: str) -> bytes | None:
+    def _read_line(self, limit: int, what: str, status: int = 400) -> bytes | None:
         buf = self._buf
         lf = buf.find(b"\n", 0, limit + 2)
         if lf == -1:
-            if len(buf) > limit:
-                raise ParseError(f"{what} too long")
+            # Decided on the bytes alone, never on how they were segmented: a line of
+            # ``limit`` bytes plus CR LF is allowed however it arrives.
+            if len(buf) > limit + 1:
+                raise ParseError(f"{what} too long", status=status)
             if self._eof:
                 raise IncompleteMessage(f"connection closed inside the {what}")
             return None
@@ -360,7 +367,8 @@ class _Parser:
 
     def _trailer_event(self) -> Event:
         while True:
-            line = self._read_line(self.limits.trailer_size, "trailer section")
+            line = self._read_line(self.limits.trailer_size - self._trailer_bytes,
+                                   "trailer section", status=431)
             if line is None:
                 return NEED_DATA
             if not line:
@@ -487,8 +495,9 @@ class RequestParser(_Parser):
 
     def _check_request_line_length(self) -> None:
         limit = self.limits.request_line
-        lf = self._buf.find(b"\n", 0, limit + 1)
-        if lf == -1 and len(self._buf) > limit:
+        # A line of exactly ``limit`` bytes ends with CR LF at limit, limit + 1.
+        lf = self._buf.find(b"\n", 0, limit + 2)
+        if lf == -1 and len(self._buf) > limit + 1:
             raise ParseError("request line too long", status=414)
 
     def _parse_head(self, head: bytes) -> RequestHead:
@@ -536,7 +545,8 @@ def _request_framing(req: RequestHead) -> None:
         req.framing = Framing.CHUNKED
         return
     length = parse_content_length(cl_values)
-    if length:
+    if length is not None:
+        # Even "Content-Length: 0" is framing to keep: origins may answer 411 without it.
         req.framing = Framing.LENGTH
         req.content_length = length
 
@@ -614,7 +624,10 @@ class ResponseParser(_Parser):
             raise ParseError("unsupported HTTP version in response")
         headers = self._parse_fields(lines[1:], self.limits.header_count)
         version = 10 if m.group(2) == b"0" else 11
-        resp = ResponseHead(int(m.group(3)), m.group(4) or b"", version, headers)
+        status = int(m.group(3))
+        if not 100 <= status <= 599:
+            raise ParseError("status code out of range")  # RFC 9110 §15
+        resp = ResponseHead(status, m.group(4) or b"", version, headers)
         _response_framing(resp, self._method)
         return resp
 
@@ -633,6 +646,8 @@ def _response_framing(resp: ResponseHead, method: bytes) -> None:
     if te:
         if cl_values:
             raise ParseError("response has both Content-Length and Transfer-Encoding")
+        if resp.version < 11:
+            resp.keep_alive = False  # RFC 9112 §6.1: faulty framing; close after it
         if te != [b"chunked"]:
             raise ParseError("unsupported Transfer-Encoding in response")
         resp.framing = Framing.CHUNKED

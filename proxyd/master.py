@@ -1,13 +1,14 @@
-"""The master process: binds the listener, forks workers, supervises them, stops them.
+"""The master process: owns the listener, forks workers, supervises, reloads, stops.
 
 Signal handlers only record the signal; all work happens in the master's loop (gunicorn's
-arbiter pattern). The master never serves client traffic.
+arbiter pattern). The master never serves client traffic. Workers are grouped in
+generations: a reload starts a new generation and drains the old one once the new one is
+serving, so the listening socket never closes and no connection is refused.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import logging
 import os
@@ -16,14 +17,18 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import Config, parse_hostport
+from .config import Config, ConfigError, parse_hostport
+from .systemd import Notifier, listen_fds
 
 log = logging.getLogger("proxyd.master")
 
-BOOT_FAILURE = 3  # a worker exiting with this status could not start: do not respawn
+BOOT_FAILURE = 3  # a worker exiting with this status before it was ready could not start
 _RESPAWN_BACKOFF_MAX = 10.0
+_HEARTBEAT_STALE = 5.0  # a worker silent this long does not count for the watchdog
+_STATUS_EVERY = 2.0
 
 
 @dataclass
@@ -32,9 +37,12 @@ class WorkerProc:
 
     pid: int
     read_fd: int
+    generation: int
     started: float
     ready: bool = False
+    draining: bool = False
     buffer: bytes = b""
+    last_seen: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -54,17 +62,31 @@ def bind_listener(address: str, source: str, backlog: int = 1024) -> socket.sock
 class Master:
     """Supervises ``cfg.worker_count`` workers sharing one listening socket."""
 
-    def __init__(self, cfg: Config, listen_sock: socket.socket) -> None:
+    def __init__(self, cfg: Config, listen_sock: socket.socket,
+                 loader: Callable[[], Config] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.sock = listen_sock
+        self.loader = loader
+        self.notify = notifier or Notifier()
         self.workers: dict[int, WorkerProc] = {}
+        self.generation = 0
         self.signals: collections.deque[int] = collections.deque()
         self.stopping = False
         self.stop_deadline = 0.0
         self.announced = False
+        self.reload_pending: Config | None = None  # new generation starting
+        self.reload_deadline = 0.0
         self.exit_code = 0
         self.respawn_failures = 0
         self.next_respawn = 0.0
+        self.totals_dead: dict[str, float] = collections.defaultdict(float)
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.worker_restarts = 0
+        self._last_status = 0.0
+        self._last_watchdog = 0.0
+        self._status_requests = (0.0, 0.0)  # (time, requests) at the last STATUS
         self._wake_r, self._wake_w = os.pipe()
 
     @property
@@ -72,6 +94,10 @@ class Master:
         """The bound address as host:port (the real port when 0 was asked for)."""
         host, port = self.sock.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def current(self) -> list[WorkerProc]:
+        """Workers of the serving generation."""
+        return [w for w in self.workers.values() if w.generation == self.generation]
 
     # -- signals ------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -84,29 +110,30 @@ class Master:
             signal.signal(sig, self._on_signal)
 
     # -- workers ------------------------------------------------------------------------------
-    def spawn(self) -> None:
-        """Fork one worker."""
+    def spawn(self, cfg: Config, generation: int) -> None:
+        """Fork one worker of ``generation`` running ``cfg``."""
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             os.close(read_fd)
-            self._child(write_fd)
+            self._child(cfg, write_fd)
         os.close(write_fd)
-        self.workers[pid] = WorkerProc(pid, read_fd, time.monotonic())
-        log.info("worker started", extra={"fields": {"worker_pid": pid}})
+        now = time.monotonic()
+        self.workers[pid] = WorkerProc(pid, read_fd, generation, now, last_seen=now)
+        log.info("worker started", extra={"fields": {"worker_pid": pid, "generation": generation}})
 
-    def _child(self, write_fd: int) -> None:
+    def _child(self, cfg: Config, write_fd: int) -> None:
         code = BOOT_FAILURE
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
             for w in self.workers.values():
                 os.close(w.read_fd)
             from .worker import worker_main
-            code = worker_main(self.cfg, self.sock, write_fd)
+            code = worker_main(cfg, self.sock, write_fd)
         except BaseException:
             log.exception("worker failed")
         finally:
@@ -125,23 +152,38 @@ class Master:
             if proc is None:
                 continue
             os.close(proc.read_fd)
-            code = os.waitstatus_to_exitcode(status)
-            self._worker_exited(proc, code)
+            self._keep_totals(proc)
+            self._worker_exited(proc, os.waitstatus_to_exitcode(status))
+
+    def _keep_totals(self, proc: WorkerProc) -> None:
+        # Counters of dead workers stay in the totals so that they never go backwards.
+        for key, value in proc.stats.items():
+            if isinstance(value, (int, float)) and key not in ("pid",):
+                self.totals_dead[key] += value
 
     def _worker_exited(self, proc: WorkerProc, code: int) -> None:
-        fields = {"worker_pid": proc.pid, "status": code}
-        if self.stopping:
+        fields = {"worker_pid": proc.pid, "status": code, "generation": proc.generation}
+        if self.stopping or proc.draining:
             log.info("worker exited", extra={"fields": fields})
             return
-        log.error("worker died", extra={"fields": fields})
-        if code == BOOT_FAILURE and not proc.ready:
-            log.critical("worker could not start; stopping", extra={"fields": fields})
-            self.exit_code = 1
-            self.begin_stop()
+        if not proc.ready and code == BOOT_FAILURE:
+            self._boot_failed(proc, fields)
             return
+        log.error("worker died; replacing it", extra={"fields": fields})
+        self.worker_restarts += 1
         self.respawn_failures += 1
         delay = min(_RESPAWN_BACKOFF_MAX, 0.1 * 2 ** (self.respawn_failures - 1))
-        self.next_respawn = time.monotonic() + delay
+        self.next_respawn = time.monotonic() + (delay if self.respawn_failures > 1 else 0.0)
+
+    def _boot_failed(self, proc: WorkerProc, fields: dict[str, object]) -> None:
+        if self.reload_pending is not None and proc.generation == self.generation:
+            log.error("new worker could not start; reload aborted, old workers keep serving",
+                      extra={"fields": fields})
+            self._abort_reload()
+            return
+        log.critical("worker could not start; stopping", extra={"fields": fields})
+        self.exit_code = 1
+        self.begin_stop()
 
     def _read_worker(self, proc: WorkerProc) -> None:
         try:
@@ -155,6 +197,7 @@ class Master:
                 msg = json.loads(line)
             except ValueError:
                 continue
+            proc.last_seen = time.monotonic()
             if msg.get("event") == "ready":
                 proc.ready = True
                 self.respawn_failures = 0
@@ -166,15 +209,16 @@ class Master:
         """Run until stopped; returns the exit status."""
         self._install_signals()
         for _ in range(self.cfg.worker_count):
-            self.spawn()
+            self.spawn(self.cfg, self.generation)
         while self.workers or not self.stopping:
             self._step()
+        log.info("stopped", extra={"fields": {"status": self.exit_code}})
         return self.exit_code
 
     def _step(self) -> None:
         fds = [self._wake_r] + [w.read_fd for w in self.workers.values()]
         try:
-            readable, _, _ = select.select(fds, [], [], 0.5)
+            readable, _, _ = select.select(fds, [], [], 0.25)
         except InterruptedError:
             readable = []
         if self._wake_r in readable:
@@ -193,59 +237,167 @@ class Master:
     def _maintain(self) -> None:
         now = time.monotonic()
         if self.stopping:
-            if now >= self.stop_deadline:
-                self._kill_all(signal.SIGKILL)
+            if now >= self.stop_deadline and self.workers:
+                log.warning("shutdown timeout reached; killing workers")
+                self._kill(list(self.workers), signal.SIGKILL)
+                self.stop_deadline = float("inf")
             return
-        if len(self.workers) < self.cfg.worker_count and now >= self.next_respawn:
-            self.spawn()
-        if not self.announced and len(self.workers) == self.cfg.worker_count and all(
-                w.ready for w in self.workers.values()):
+        self._advance_reload(now)
+        if len(self.current()) < self.cfg.worker_count and now >= self.next_respawn:
+            self.spawn(self.cfg, self.generation)
+        if not self.announced and self._generation_ready():
             self.announced = True
             log.info("ready", extra={"fields": {
-                "listen": self.address, "workers": len(self.workers),
+                "listen": self.address, "workers": len(self.current()),
                 "warm_origins": len(self.cfg.origin)}})
+            self.notify.ready(self.status_line())
+        self._notify_periodic(now)
 
+    def _generation_ready(self) -> bool:
+        cur = self.current()
+        return len(cur) == self.cfg.worker_count and all(w.ready for w in cur)
+
+    def _notify_periodic(self, now: float) -> None:
+        if now - self._last_status >= _STATUS_EVERY:
+            self._last_status = now
+            self.notify.status(self.status_line())
+        interval = self.notify.watchdog_interval
+        if interval and now - self._last_watchdog >= interval and self._all_heartbeating(now):
+            self._last_watchdog = now
+            self.notify.watchdog()
+
+    def _all_heartbeating(self, now: float) -> bool:
+        cur = self.current()
+        return bool(cur) and all(w.ready and now - w.last_seen < _HEARTBEAT_STALE for w in cur)
+
+    def totals(self) -> dict[str, float]:
+        """Counters summed over live workers and the ones that exited."""
+        out = collections.defaultdict(float, self.totals_dead)
+        for w in self.workers.values():
+            for key, value in w.stats.items():
+                if isinstance(value, (int, float)) and key != "pid":
+                    out[key] += value
+        return out
+
+    def status_line(self) -> str:
+        """One-line summary for systemd's STATUS=."""
+        t = self.totals()
+        now = time.monotonic()
+        then, before = self._status_requests
+        rate = (t["requests"] - before) / (now - then) if then and now > then else 0.0
+        self._status_requests = (now, t["requests"])
+        served = t["warm_hits"] + t["pool_misses"]
+        hit = f"{100 * t['warm_hits'] / served:.1f}%" if served else "n/a"
+        return (f"{len(self.current())} workers, {rate:.0f} req/s, warm hit {hit}, "
+                f"{int(t['requests'])} requests")
+
+    # -- reload -------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """SIGHUP: validate the new config, start a new generation, drain the old one."""
+        if self.loader is None or self.reload_pending is not None:
+            log.warning("reload ignored (no config loader or reload in progress)")
+            return
+        self.notify.reloading()
+        try:
+            new = self.loader()
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            log.error("reload refused: invalid configuration; old configuration keeps serving",
+                      extra={"fields": {"error": str(exc)}})
+            self.notify.ready(self.status_line())
+            return
+        if new.listen != self.cfg.listen:
+            log.warning("listen address changes need a restart; keeping the current listener",
+                        extra={"fields": {"listen": self.address}})
+        self.reload_pending = new
+        self.reload_deadline = time.monotonic() + new.timeouts.connect + new.timeouts.tls_handshake + 5
+        self.generation += 1
+        for _ in range(new.worker_count):
+            self.spawn(new, self.generation)
+
+    def _advance_reload(self, now: float) -> None:
+        new = self.reload_pending
+        if new is None:
+            return
+        cur = self.current()
+        if len(cur) == new.worker_count and all(w.ready for w in cur):
+            old = [w for w in self.workers.values() if w.generation != self.generation]
+            for w in old:
+                w.draining = True
+            self._kill([w.pid for w in old], signal.SIGTERM)
+            self.cfg = new
+            self.reload_pending = None
+            self.reloads_ok += 1
+            log.info("reloaded", extra={"fields": {"generation": self.generation,
+                                                   "draining": len(old)}})
+            self.notify.ready(self.status_line())
+        elif now > self.reload_deadline:
+            log.error("new workers not ready in time; reload aborted")
+            self._abort_reload()
+
+    def _abort_reload(self) -> None:
+        new_gen = [w for w in self.workers.values() if w.generation == self.generation]
+        for w in new_gen:
+            w.draining = True
+        self._kill([w.pid for w in new_gen], signal.SIGKILL)
+        self.generation -= 1
+        self.reload_pending = None
+        self.reloads_failed += 1
+        self.notify.ready(self.status_line())
+
+    # -- stop ---------------------------------------------------------------------------------
     def _handle_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             if self.stopping:
                 log.warning("second stop signal: stopping now")
-                self._kill_all(signal.SIGKILL)
+                self._kill(list(self.workers), signal.SIGKILL)
             else:
                 self.begin_stop()
         elif signum == signal.SIGQUIT:
-            self._kill_all(signal.SIGKILL)
+            log.warning("SIGQUIT: stopping at once")
             self.stopping = True
-        elif signum == signal.SIGHUP:
-            log.warning("reload is not supported yet; ignoring SIGHUP")
+            self.notify.stopping()
+            self._kill(list(self.workers), signal.SIGKILL)
+        elif signum == signal.SIGHUP and not self.stopping:
+            self.reload()
 
     def begin_stop(self) -> None:
         """Graceful stop: workers finish in-flight requests up to the shutdown timeout."""
         if self.stopping:
             return
         self.stopping = True
+        self.notify.stopping()
         self.stop_deadline = time.monotonic() + self.cfg.timeouts.shutdown + 1.0
         log.info("stopping", extra={"fields": {"workers": len(self.workers)}})
-        self._kill_all(signal.SIGTERM)
+        self._kill(list(self.workers), signal.SIGTERM)
 
-    def _kill_all(self, sig: int) -> None:
-        for pid in list(self.workers):
+    @staticmethod
+    def _kill(pids: list[int], sig: int) -> None:
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-            except OSError as exc:  # pragma: no cover - unexpected
-                if exc.errno != errno.ESRCH:
-                    raise
 
 
-def run(cfg: Config) -> int:
-    """Bind, start the workers, supervise until stopped."""
+def open_listener(cfg: Config) -> socket.socket:
+    """The listening socket: inherited from systemd socket activation, or bound here."""
+    inherited = listen_fds()
+    if inherited:
+        for extra in inherited[1:]:
+            extra.close()
+        return inherited[0]
+    return bind_listener(cfg.listen, cfg.source)
+
+
+def run(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
+    """Bind (or inherit) the listener, start the workers, supervise until stopped."""
     try:
-        sock = bind_listener(cfg.listen, cfg.source)
+        sock = open_listener(cfg)
     except OSError as exc:
         print(f"proxyd: cannot listen on {cfg.listen}: {exc.strerror}", file=sys.stderr)
         return 1
-    master = Master(cfg, sock)
+    master = Master(cfg, sock, loader)
     log.info("starting", extra={"fields": {"listen": master.address,
                                            "workers": cfg.worker_count}})
     return master.run()

@@ -212,8 +212,10 @@ class Pool:
             _, waiter = self.waiters.popleft()
             self._hand(conn, waiter, reused=False)
         else:
+            # A spare goes to the bottom of the LIFO stack: the connection that just served
+            # stays on top, so sequential traffic keeps using one connection.
             conn.idle_since = time.monotonic()
-            self.idle.append(conn)
+            self.idle.insert(0, conn)
 
     def _open_failed(self, exc: errors.ProxyError) -> None:
         self.failures += 1

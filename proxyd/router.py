@@ -62,9 +62,11 @@ def split_authority(authority: str) -> tuple[str, int | None]:
         if not host or _REG_NAME.fullmatch(host) is None:
             raise ParseError("invalid host in authority")
     if rest:
-        if not rest.startswith(":") or not rest[1:].isdigit() or not 0 < int(rest[1:]) < 65536:
+        digits = rest[1:]
+        if (not rest.startswith(":") or not digits.isascii() or not digits.isdigit()
+                or not 0 < int(digits) < 65536):
             raise ParseError("invalid port in authority")
-        port = int(rest[1:])
+        port = int(digits)
     return host.lower(), port
 
 
@@ -95,7 +97,10 @@ class Router:
         authority, path = _split_path(rest)
         if b"#" in path:
             raise ParseError("fragment in request target")
-        host, port = split_authority(authority.decode("ascii"))
+        try:
+            host, port = split_authority(authority.decode("ascii"))
+        except UnicodeDecodeError:
+            raise ParseError("non-ASCII host in request target") from None
         if not path:
             path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 §3.2.4
         return self._make_route(host, port, path, authority)

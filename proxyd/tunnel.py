@@ -29,6 +29,8 @@ class Tunnel:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.client_eof_pending = False
+        self.client_done = False  # the client half-closed its sending side
+        self.target_done = False  # the target half-closed its sending side
         self.closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -75,10 +77,13 @@ class Tunnel:
 
     def client_eof(self) -> bool:
         """The client half-closed; pass it on and keep the other direction open."""
+        self.client_done = True
         if self.transport is None:
             self.client_eof_pending = True
         elif self.transport.can_write_eof():
             self.transport.write_eof()
+        if self.target_done:
+            self._both_done()
         return True
 
     def to_client(self, data: bytes) -> None:
@@ -89,11 +94,21 @@ class Tunnel:
             transport.write(data)
 
     def target_eof(self) -> bool:
+        """The target half-closed; pass it on to the client."""
+        self.target_done = True
         transport = self.client.transport
+        if self.client_done:
+            self._both_done()
+            return False
         if transport is not None and transport.can_write_eof() and not transport.is_closing():
             transport.write_eof()
             return True
         return False
+
+    def _both_done(self) -> None:
+        # Both directions ended: asyncio does not close half-closed transports by itself.
+        self.client.tunnel_closed()
+        self.close()
 
     def pause_upstream(self) -> None:
         if self.transport is not None:

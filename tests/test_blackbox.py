@@ -1,0 +1,829 @@
+"""Black-box tests: proxyd is run as a subprocess and driven only through its sockets, CLI
+and stderr; what reaches the origin is checked on the origin side (tests/origin.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import threading
+import time
+import tomllib
+import urllib.request
+
+import pytest
+
+from conftest import proxyd_env, run_proxyd, wait_pid_gone
+from origin import (client_context, id_body, make_ca, pattern_bytes, pattern_chunks,
+                    pattern_sha256, read_response, read_response_head)
+
+IO_TIMEOUT = 10.0
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+class Raw:
+    """A raw client socket to proxyd with a buffered reader."""
+
+    def __init__(self, port: int, timeout: float = IO_TIMEOUT):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.f = self.sock.makefile("rb")
+
+    def send(self, data: bytes | str):
+        self.sock.sendall(data.encode("latin-1") if isinstance(data, str) else data)
+
+    def response(self, method="GET", **kw):
+        return read_response(self.f, method, **kw)
+
+    def at_eof(self, timeout: float = 5.0) -> bool:
+        """True if the peer closes the connection within timeout (and sent nothing more)."""
+        old = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            return self.f.read(1) == b""
+        except ConnectionResetError:
+            return True
+        except (socket.timeout, TimeoutError):
+            return False
+        finally:
+            self.sock.settimeout(old)
+
+    def close(self):
+        self.f.close()
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def get(port: int, url: str, method: str = "GET", body=None, headers=None,
+        timeout: float = IO_TIMEOUT):
+    """One request through the proxy on a fresh http.client connection -> (resp, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, url, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r, r.read()
+    finally:
+        conn.close()
+
+
+def proxy_status(headers) -> str:
+    if hasattr(headers, "get_all"):
+        vals = headers.get_all("Proxy-Status") or []
+    else:
+        vals = headers.header_all("Proxy-Status")
+    return ", ".join(vals)
+
+
+def assert_proxy_error(resp, body: bytes, status: int, error: str | None):
+    ps = proxy_status(resp.headers if hasattr(resp, "getheader") else resp)
+    assert resp.status == status, (resp.status, ps, body[:300])
+    assert ps, f"no Proxy-Status header on {resp.status} (body {body[:200]!r})"
+    assert re.match(r"^\s*proxyd\s*;", ps), f"Proxy-Status not from proxyd: {ps!r}"
+    if error is not None:
+        assert re.search(rf'\berror\s*=\s*"?{re.escape(error)}"?(;|,|\s|$)', ps), \
+            f"expected error={error} in Proxy-Status: {ps!r}"
+    ctype = resp.getheader("Content-Type", "") if hasattr(resp, "getheader") else \
+        resp.header("Content-Type", "")
+    assert ctype.startswith("text/plain"), ctype
+    assert body.strip(), "error response has an empty body"
+
+
+def has_via_proxyd(values) -> bool:
+    return any(re.search(r"\bproxyd\b", v) for v in values)
+
+
+def free_port_closed() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def clean_env() -> dict:
+    return proxyd_env()
+
+
+# --------------------------------------------------------------------------------------
+# clients: curl, urllib, http.client CONNECT
+# --------------------------------------------------------------------------------------
+
+
+def test_curl_get_through_proxy(proxyd, tls_origin, tmp_path):
+    p = proxyd()
+    out, hdr = tmp_path / "body", tmp_path / "headers"
+    r = subprocess.run(["curl", "-sS", "--max-time", "15", "-x", p.proxy_url,
+                        tls_origin.url("/bytes/1024"), "-o", str(out), "-D", str(hdr),
+                        "-w", "%{http_code}"],
+                       env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert r.stdout == "200", (r.stdout, r.stderr, p.stderr_text())
+    assert out.read_bytes() == pattern_bytes(1024)
+    via = [line.split(":", 1)[1].strip() for line in hdr.read_text().splitlines()
+           if line.lower().startswith("via:")]
+    assert has_via_proxyd(via), hdr.read_text()
+    req = tls_origin.requests[-1]
+    assert (req.method, req.target) == ("GET", "/bytes/1024")
+    assert req.header_all("Host") == [tls_origin.authority]
+    assert tls_origin.connections[req.conn_id].tls
+
+
+def test_urllib_with_http_proxy_env(proxyd, tls_origin, monkeypatch):
+    p = proxyd()
+    for k in ("http_proxy", "no_proxy", "NO_PROXY", "REQUEST_METHOD"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", p.proxy_url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler())  # reads the env
+    with opener.open(tls_origin.url("/id/urllib-1?size=5000"), timeout=IO_TIMEOUT) as resp:
+        body = resp.read()
+        assert resp.status == 200
+    assert body == id_body("urllib-1", 5000)
+    assert tls_origin.requests[-1].target == "/id/urllib-1?size=5000"
+
+
+def test_connect_tunnel_tls_with_http_client(proxyd, tls_origin, ca):
+    p = proxyd(config={"connect_ports": [443, tls_origin.port]})
+    conn = http.client.HTTPSConnection("127.0.0.1", p.port, context=client_context(ca),
+                                       timeout=IO_TIMEOUT)
+    conn.set_tunnel("localhost", tls_origin.port)
+    try:
+        for n in (5000, 200000):
+            conn.request("GET", f"/bytes/{n}")
+            r = conn.getresponse()
+            assert r.status == 200
+            assert r.read() == pattern_bytes(n)
+    finally:
+        conn.close()
+    # end-to-end TLS: one handshake (the client's), both requests on it, untouched by proxyd
+    assert tls_origin.handshakes == 1
+    assert [r.conn_id for r in tls_origin.requests] == [0, 0]
+    raw = bytes(tls_origin.connections[0].raw)
+    assert raw.startswith(b"GET /bytes/5000 HTTP/1.1\r\n"), raw[:200]
+    assert b"via:" not in raw.lower()
+
+
+def test_connect_raw_tcp_echo(proxyd, echo_server):
+    p = proxyd(config={"connect_ports": [443, echo_server.port]})
+    with Raw(p.port) as c:
+        c.send(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{echo_server.port}\r\n\r\n")
+        head = read_response_head(c.f)
+        assert 200 <= head.status < 300, head.raw_head
+        assert not head.header_all("Content-Length") and not head.header_all("Transfer-Encoding")
+        payload = os.urandom(300_000)
+        c.send(payload)
+        got = c.f.read(len(payload))
+        assert got == payload
+        c.sock.shutdown(socket.SHUT_WR)  # half-close must travel through the tunnel
+        assert c.f.read() == b""
+    assert echo_server.accepted == 1
+
+
+def test_connect_port_not_allowed(proxyd, echo_server):
+    p = proxyd()  # default connect_ports = [443]
+    with Raw(p.port) as c:
+        c.send(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{echo_server.port}\r\n\r\n")
+        r = c.response()
+    assert 400 <= r.status < 500, r.raw_head
+    assert proxy_status(r), r.raw_head
+    assert echo_server.accepted == 0
+
+
+# --------------------------------------------------------------------------------------
+# warm pool and connection reuse
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_warm_pool_handshakes_before_first_request(proxyd, tls_origin, workers):
+    o = tls_origin
+    p = proxyd(origins=[o.authority], warm=4, workers=workers)
+    print(f"startup to ready: {p.startup_seconds:.2f}s")
+    assert len(p.worker_pids()) == workers
+    want = 4 * workers
+    assert o.wait_handshakes(want, timeout=5), (o.handshakes, p.stderr_text())
+    # no more than the floor: a further handshake must not show up
+    assert not o.wait_handshakes(want + 1, timeout=0.5), o.handshakes
+    assert o.handshakes == want and not o.requests and o.total_app_bytes() == 0
+
+    latencies = []
+    for i in range(4):
+        t0 = time.perf_counter()
+        r, body = get(p.port, o.url(f"/id/warm{i}?size=100"))
+        latencies.append(time.perf_counter() - t0)
+        assert r.status == 200 and body == id_body(f"warm{i}", 100)
+    print("request latencies (first is the warm-pool first request): "
+          + ", ".join(f"{x * 1000:.1f}ms" for x in latencies))
+    # Every request ran on a connection handshaked before any request was sent; taking
+    # one refills the floor in the background (at most one spare per worker here).
+    assert all(r.conn_id < want for r in o.requests), [r.conn_id for r in o.requests]
+    assert o.handshakes <= want + workers, o.handshakes
+
+
+def test_upstream_connection_reused_across_requests(proxyd, tls_origin):
+    o = tls_origin
+    # no spare for the learned origin: this test is about reuse of one connection
+    p = proxyd(workers=1, config={"pool": {"learned_warm": 0}})
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    for i in range(10):
+        conn.request("GET", o.url(f"/id/ka{i}?size={i * 1000}"))
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == id_body(f"ka{i}", i * 1000)
+    conn.close()
+    for i in range(5):  # fresh client connections share the upstream pool
+        r, body = get(p.port, o.url("/bytes/10"))
+        assert body == pattern_bytes(10)
+    assert o.handshakes == 1, [c.close_reason for c in o.connections]
+    assert {r.conn_id for r in o.requests} == {0}
+
+
+def test_plain_http_origin(proxyd, origin_factory):
+    o = origin_factory(tls=False)
+    p = proxyd(config={"origin": [{"host": "127.0.0.1", "port": o.port, "tls": False}]})
+    r, body = get(p.port, o.url("/bytes/3000", host="127.0.0.1"))
+    assert r.status == 200 and body == pattern_bytes(3000)
+    raw = bytes(o.connections[o.requests[0].conn_id].raw)
+    assert raw.startswith(b"GET /bytes/3000 HTTP/1.1\r\n"), raw[:100]  # plaintext, not TLS
+
+
+# --------------------------------------------------------------------------------------
+# request handling
+# --------------------------------------------------------------------------------------
+
+
+def test_origin_form_request_rejected(proxyd, tls_origin):
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"GET /x HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n")
+        r = c.response()
+    assert r.status == 400, r.raw_head
+    assert proxy_status(r)
+    assert re.search(rb"forward(ing)?[ -]proxy", r.body, re.I), r.body
+    assert not tls_origin.connections
+
+
+def test_hop_by_hop_headers_removed(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"GET {o.url('/headers')} HTTP/1.1\r\n"
+               "Host: wrong.example:1\r\n"
+               "Connection: close, X-Secret\r\n"
+               "X-Secret: 1\r\n"
+               "Keep-Alive: 5\r\n"
+               "Proxy-Connection: keep-alive\r\n"
+               "TE: gzip\r\n"
+               "Upgrade: foo\r\n"
+               "Proxy-Authorization: Basic eA==\r\n"
+               "X-End-To-End: kept\r\n"
+               "\r\n")
+        r = c.response()
+        assert r.status == 200, (r.raw_head, r.body)
+        assert has_via_proxyd(r.header_all("Via")), r.raw_head
+        assert c.at_eof(), "client asked for Connection: close"
+    req = o.requests[-1]
+    raw = o.raw_bytes_for(req)
+    names = req.header_names()
+    for gone in ("x-secret", "keep-alive", "proxy-connection", "te", "upgrade",
+                 "proxy-authorization"):
+        assert gone not in names, (gone, req.raw_head)
+    for conn_value in req.header_all("Connection"):
+        assert "x-secret" not in conn_value.lower() and "close" not in conn_value.lower()
+    assert b"Basic eA==" not in raw and b"wrong.example" not in raw and b"gzip" not in raw
+    assert req.raw_head.startswith(b"GET /headers HTTP/1.1\r\n"), req.raw_head
+    assert req.header_all("Host") == [o.authority]
+    assert req.header("X-End-To-End") == "kept"
+    assert has_via_proxyd(req.header_all("Via")), req.raw_head
+
+
+def test_pipelined_requests(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"GET {o.url('/id/pipe1?size=1000')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n"
+               f"GET {o.url('/bytes/70000')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n"
+               f"GET {o.url('/id/pipe3?size=10')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+        r1, r2, r3 = c.response(), c.response(), c.response()
+        assert (r1.status, r1.body) == (200, id_body("pipe1", 1000))
+        assert (r2.status, r2.body) == (200, pattern_bytes(70000))
+        assert (r3.status, r3.body) == (200, id_body("pipe3", 10))
+        c.send(f"GET {o.url('/bytes/5')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+        assert c.response().body == pattern_bytes(5)  # still usable afterwards
+    assert [r.target for r in o.requests] == ["/id/pipe1?size=1000", "/bytes/70000",
+                                              "/id/pipe3?size=10", "/bytes/5"]
+
+
+def test_head_204_304_have_no_body(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        def req(method, path):
+            c.send(f"{method} {o.url(path)} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+            return c.response(method)
+
+        r = req("HEAD", "/bytes/1000")
+        assert r.status == 200 and r.body == b""
+        assert r.header("Content-Length") == "1000", r.raw_head
+        r = req("HEAD", "/chunked/1000")
+        assert r.status == 200 and r.body == b""
+        r = req("GET", "/status/204")
+        assert r.status == 204 and r.body == b""
+        assert not r.header_all("Transfer-Encoding"), r.raw_head
+        r = req("GET", "/status/304")
+        assert r.status == 304 and r.body == b""
+        assert r.header("ETag") == '"v1"'
+        # any stray body byte from above would corrupt this response
+        r = req("GET", "/bytes/10")
+        assert r.status == 200 and r.body == pattern_bytes(10)
+
+
+def test_chunked_response_to_http11_client(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        for path, n in (("/chunked/300000?chunk=1000", 300000),
+                        ("/chunked/5000?trailers=1", 5000), ("/chunked/0", 0)):
+            c.send(f"GET {o.url(path)} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+            r = c.response()
+            assert r.status == 200
+            assert r.framing in ("chunked", "length"), r.raw_head
+            assert r.body == pattern_bytes(n)
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    conn.request("GET", o.url("/chunked/123457?chunk=7000"))
+    assert conn.getresponse().read() == pattern_bytes(123457)
+    conn.close()
+
+
+def test_close_delimited_response_to_http11_client(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"GET {o.url('/close/200000')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+        r = c.response()
+        assert r.status == 200
+        assert r.framing == "chunked", r.raw_head
+        assert r.body == pattern_bytes(200000)
+        if not r.has_token("Connection", "close"):
+            c.send(f"GET {o.url('/bytes/100')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+            assert c.response().body == pattern_bytes(100)
+
+
+@pytest.mark.parametrize("path,n", [("/close/50000", 50000), ("/chunked/50000", 50000),
+                                    ("/bytes/50000", 50000)])
+def test_http10_client_never_gets_chunked(proxyd, tls_origin, path, n):
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"GET {o.url(path)} HTTP/1.0\r\n\r\n")
+        r = c.response()
+        assert r.status == 200
+        assert not r.header_all("Transfer-Encoding"), r.raw_head
+        assert r.framing in ("close", "length")
+        assert r.body == pattern_bytes(n)
+        assert c.at_eof(), "HTTP/1.0 client without keep-alive: proxyd must close"
+
+
+def test_expect_100_continue(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    n = 200_000
+    with Raw(p.port, timeout=5) as c:
+        c.send(f"POST {o.url('/upload')} HTTP/1.1\r\nHost: {o.authority}\r\n"
+               f"Content-Length: {n}\r\nExpect: 100-continue\r\n\r\n")
+        interim = c.response(return_interim=True)  # socket timeout: 5 s
+        assert interim.status == 100, interim.raw_head
+        c.send(pattern_bytes(n))
+        r = c.response()
+    assert r.status == 200, (r.raw_head, r.body)
+    d = json.loads(r.body)
+    assert d["bytes"] == n and d["sha256"] == pattern_sha256(n)
+
+
+def test_chunked_upload_with_trailers(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    data = pattern_bytes(777_777)
+    sizes = [1, 15, 16, 4096, 65536, 100_000, 300_000]
+    with Raw(p.port) as c:
+        c.send(f"POST {o.url('/upload')} HTTP/1.1\r\nHost: {o.authority}\r\n"
+               "Transfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n")
+        pos = 0
+        for i, s in enumerate(sizes * 3):
+            piece = data[pos:pos + s]
+            if not piece:
+                break
+            ext = ";name=value" if i == 2 else ""
+            c.send(b"%x%s\r\n" % (len(piece), ext.encode()) + piece + b"\r\n")
+            pos += len(piece)
+        assert pos == len(data)
+        c.send(b"0\r\nX-Checksum: " + hashlib.sha256(data).hexdigest().encode() + b"\r\n\r\n")
+        r = c.response()
+        assert r.status == 200, (r.raw_head, r.body)
+        d = json.loads(r.body)
+        assert d["bytes"] == len(data) and d["sha256"] == hashlib.sha256(data).hexdigest()
+        # the connection is still in sync after the trailer section
+        c.send(f"GET {o.url('/bytes/7')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+        assert c.response().body == pattern_bytes(7)
+
+
+def test_limits_reject_oversized_heads(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"GET {o.url('/bytes/1?' + 'a' * 10000)} HTTP/1.1\r\n"
+               f"Host: {o.authority}\r\n\r\n")
+        r = c.response()
+        assert 400 <= r.status < 500, r.raw_head
+    with Raw(p.port) as c:
+        fields = "".join(f"X-F{i}: {i}\r\n" for i in range(150))
+        c.send(f"GET {o.url('/bytes/1')} HTTP/1.1\r\nHost: {o.authority}\r\n{fields}\r\n")
+        r = c.response()
+        assert 400 <= r.status < 500, r.raw_head
+    assert not o.requests
+
+
+# --------------------------------------------------------------------------------------
+# upstream failures -> Proxy-Status
+# --------------------------------------------------------------------------------------
+
+
+def test_dns_error(proxyd):
+    p = proxyd()
+    r, body = get(p.port, "http://nonexistent.invalid/")
+    assert_proxy_error(r, body, 502, "dns_error")
+
+
+def test_connection_refused(proxyd):
+    p = proxyd()
+    port = free_port_closed()
+    r, body = get(p.port, f"http://127.0.0.1:{port}/bytes/1")
+    assert_proxy_error(r, body, 502, "connection_refused")
+
+
+def test_untrusted_certificate(proxyd, origin_factory):
+    o = origin_factory(ca=make_ca())  # signed by a CA proxyd was not told about
+    p = proxyd()
+    r, body = get(p.port, o.url("/bytes/10"))
+    assert_proxy_error(r, body, 502, "tls_certificate_error")
+    assert o.wait_for(lambda: o.handshake_failures >= 1, 5)
+    assert o.handshakes == 0 and o.total_app_bytes() == 0 and not o.requests
+
+
+def test_wrong_host_certificate(proxyd, origin_factory):
+    o = origin_factory(identities=("localhost",))  # trusted CA, but not valid for 127.0.0.1
+    p = proxyd()
+    r, body = get(p.port, o.url("/bytes/10", host="127.0.0.1"))
+    assert_proxy_error(r, body, 502, "tls_certificate_error")
+    assert o.total_app_bytes() == 0 and not o.requests
+
+
+def test_garbage_response(proxyd, tls_origin):
+    p = proxyd()
+    r, body = get(p.port, tls_origin.url("/garbage"))
+    assert_proxy_error(r, body, 502, "http_protocol_error")
+    assert tls_origin.requests[0].path == "/garbage"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_origin_closes_after_request(proxyd, tls_origin, method):
+    p = proxyd()
+    r, body = get(p.port, tls_origin.url("/hangup"), method=method,
+                  body=b"x" * 10 if method == "POST" else None)
+    assert_proxy_error(r, body, 502, "http_response_incomplete")
+    assert tls_origin.requests and tls_origin.requests[0].path == "/hangup"
+    if method == "POST":
+        assert len(tls_origin.requests) == 1, "non-idempotent request must not be retried"
+
+
+def test_response_head_timeout(proxyd, tls_origin):
+    p = proxyd(config={"timeouts": {"response_head": 1.0}})
+    t0 = time.monotonic()
+    r, body = get(p.port, tls_origin.url("/slow-head/5"))
+    elapsed = time.monotonic() - t0
+    assert_proxy_error(r, body, 504, None)
+    assert elapsed < 3.0, f"504 after {elapsed:.2f}s, response_head = 1"
+
+
+def test_pool_exhausted(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd(workers=1, config={
+        "timeouts": {"pool_wait": 0.5},
+        "origin": [{"host": "localhost", "port": o.port, "tls": True, "warm": 0,
+                    "max_connections": 1}],
+    })
+    held = {}
+
+    def slow():
+        held["resp"] = get(p.port, o.url("/slow-head/3"))
+
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        assert o.wait_request(lambda r: r.path == "/slow-head/3", timeout=5), p.stderr_text()
+        t0 = time.monotonic()
+        r, body = get(p.port, o.url("/bytes/10"))
+        elapsed = time.monotonic() - t0
+        assert_proxy_error(r, body, 503, "connection_limit_reached")
+        assert elapsed < 2.5, elapsed
+    finally:
+        t.join(IO_TIMEOUT)
+    r, body = held["resp"]
+    assert (r.status, body) == (200, b"slow\n")
+    assert len(o.connections) == 1
+
+
+# --------------------------------------------------------------------------------------
+# load, large transfers, upstream idle closes
+# --------------------------------------------------------------------------------------
+
+
+def test_mixed_load_with_aborts(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd(workers=2)
+    workers_before = sorted(p.worker_pids())
+    THREADS, PER, MAX = 64, 100, 256 * 1024
+    lock = threading.Lock()
+    stats = {"completed": 0, "aborted": 0, "after_abort_ok": 0}
+    mismatches, errors = [], []
+
+    def client(t: int):
+        rng = random.Random(1000 + t)
+        conn = None
+        just_aborted = False
+        for i in range(PER):
+            rid = f"t{t}-{i}-{rng.randrange(1 << 32):08x}"
+            size = rng.randrange(0, MAX + 1)
+            abort = size >= 2048 and rng.random() < 0.10
+            expected = id_body(rid, size)
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=30)
+            try:
+                conn.request("GET", f"http://{o.authority}/id/{rid}?size={size}")
+                r = conn.getresponse()
+                if abort:
+                    part = r.read(rng.randrange(1, size // 2))
+                    if r.status != 200 or part != expected[:len(part)]:
+                        with lock:
+                            mismatches.append((rid, size, r.status, "abort-prefix"))
+                    conn.close()  # mid-body: unread data -> RST
+                    conn = None
+                    just_aborted = True
+                    with lock:
+                        stats["aborted"] += 1
+                    continue
+                body = r.read()
+                ok = r.status == 200 and body == expected and r.getheader("X-Rid") == rid
+                with lock:
+                    if ok:
+                        stats["completed"] += 1
+                        stats["after_abort_ok"] += just_aborted
+                    else:
+                        mismatches.append((rid, size, r.status, len(body), body[:40]))
+                just_aborted = False
+                if r.will_close:
+                    conn.close()
+                    conn = None
+            except Exception as e:  # noqa: BLE001
+                with lock:
+                    errors.append((rid, size, abort, repr(e)))
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    elapsed = time.monotonic() - t0
+    print(f"mixed load: {elapsed:.1f}s {stats} errors={len(errors)} "
+          f"origin conns={len(o.connections)} handshakes={o.handshakes}")
+    assert not any(t.is_alive() for t in threads), "client threads hung"
+    assert not mismatches, mismatches[:5]
+    assert not errors, errors[:5]
+    assert stats["completed"] + stats["aborted"] == THREADS * PER
+    assert stats["aborted"] > 0 and stats["after_abort_ok"] > 0
+    assert sorted(p.worker_pids()) == workers_before, "a worker died/restarted"
+    r, body = get(p.port, o.url("/id/final?size=1000"))
+    assert body == id_body("final", 1000)
+    assert elapsed < 90, f"mixed load took {elapsed:.1f}s"
+
+
+class RssSampler:
+    """Samples proxyd's RSS (master + workers) every `interval` s on a thread."""
+
+    def __init__(self, p, interval=0.05):
+        self.p = p
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.p.rss_kib())
+            self.samples += 1
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def _warm_up(p, o):
+    # allocate whatever a few requests allocate before taking the baseline
+    for _ in range(3):
+        r, body = get(p.port, o.url(f"/stream/{4 * MiB}"))
+        assert len(body) == 4 * MiB
+        r, body = get(p.port, o.url("/upload"), method="POST", body=pattern_bytes(4 * MiB))
+        assert json.loads(body)["bytes"] == 4 * MiB
+
+
+def test_download_1gib_constant_memory(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd(workers=1)
+    _warm_up(p, o)
+    base = p.rss_kib()
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=30)
+    h = hashlib.sha256()
+    n = 0
+    buf = bytearray(MiB)
+    t0 = time.monotonic()
+    with RssSampler(p) as s:
+        conn.request("GET", o.url(f"/stream/{GiB}"))
+        r = conn.getresponse()
+        assert r.status == 200
+        mv = memoryview(buf)
+        while True:
+            k = r.readinto(mv)
+            if not k:
+                break
+            h.update(mv[:k])
+            n += k
+    elapsed = time.monotonic() - t0
+    conn.close()
+    growth = (s.peak - base) / 1024
+    print(f"1 GiB download: {elapsed:.1f}s ({GiB / MiB / elapsed:.0f} MiB/s), RSS base "
+          f"{base / 1024:.1f} MiB, peak {s.peak / 1024:.1f} MiB, {s.samples} samples")
+    assert n == GiB
+    assert h.hexdigest() == pattern_sha256(GiB)
+    assert s.samples > 0
+    assert growth < 50, f"proxyd RSS grew {growth:.1f} MiB during a 1 GiB download"
+    assert elapsed < 60
+
+
+def test_upload_1gib_constant_memory(proxyd, tls_origin):
+    o = tls_origin
+    p = proxyd(workers=1)
+    _warm_up(p, o)
+    base = p.rss_kib()
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=30)
+    t0 = time.monotonic()
+    with RssSampler(p) as s:
+        conn.request("POST", o.url("/upload"), body=pattern_chunks(GiB, MiB),
+                     headers={"Content-Length": str(GiB),
+                              "Content-Type": "application/octet-stream"})
+        r = conn.getresponse()
+        body = r.read()
+    elapsed = time.monotonic() - t0
+    conn.close()
+    growth = (s.peak - base) / 1024
+    print(f"1 GiB upload: {elapsed:.1f}s ({GiB / MiB / elapsed:.0f} MiB/s), RSS base "
+          f"{base / 1024:.1f} MiB, peak {s.peak / 1024:.1f} MiB, {s.samples} samples")
+    assert r.status == 200, body[:300]
+    d = json.loads(body)
+    assert d["bytes"] == GiB and d["sha256"] == pattern_sha256(GiB)
+    assert s.samples > 0
+    assert growth < 50, f"proxyd RSS grew {growth:.1f} MiB during a 1 GiB upload"
+    assert elapsed < 60
+
+
+def test_origin_closing_idle_connections(proxyd, origin_factory):
+    o = origin_factory(idle_close_after=0.5)
+    p = proxyd(origins=[o.authority], warm=2, workers=1)
+    assert o.wait_handshakes(2, timeout=5)
+    assert o.wait_idle_closes(2, timeout=5), [c.close_reason for c in o.connections]
+    results = []
+    for batch in range(2):
+        for i in range(10):
+            rid = f"idle{batch}-{i}"
+            r, body = get(p.port, o.url(f"/id/{rid}?size=2000"))
+            results.append((r.status, body == id_body(rid, 2000),
+                            r.getheader("Proxy-Status")))
+        # start the second batch right after the origin has closed more idle connections
+        if batch == 0:
+            assert o.wait_idle_closes(o.idle_closes + 1, timeout=5)
+    assert results == [(200, True, None)] * 20, results
+
+
+# --------------------------------------------------------------------------------------
+# CLI: check, --version, signals
+# --------------------------------------------------------------------------------------
+
+
+def test_check_unknown_key(tmp_path):
+    cfg = tmp_path / "bad-unknown.toml"
+    cfg.write_text('listen = "127.0.0.1:3128"\n\n[pool]\nwram = 3\n')
+    r = run_proxyd("check", "--config", str(cfg))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "pool.wram" in r.stderr, r.stderr
+    assert cfg.name in r.stderr, r.stderr
+
+
+def test_check_wrong_type(tmp_path):
+    cfg = tmp_path / "bad-type.toml"
+    cfg.write_text('workers = "two"\n')
+    r = run_proxyd("check", "--config", str(cfg))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert re.search(r"\bworkers\b", r.stderr), r.stderr
+    assert cfg.name in r.stderr, r.stderr
+
+
+def test_check_good_config_prints_effective_config(tmp_path):
+    cfg = tmp_path / "good.toml"
+    cfg.write_text('listen = "127.0.0.1:3999"\nworkers = 3\nconnect_ports = [443, 8443]\n'
+                   '[timeouts]\nconnect = 2.5\n[pool]\nwarm = 2\n'
+                   '[[origin]]\nhost = "example.com"\nport = 8443\nwarm = 4\n')
+    r = run_proxyd("check", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    eff = tomllib.loads(r.stdout)
+    assert eff["listen"] == "127.0.0.1:3999"
+    assert eff["workers"] == 3
+    assert eff["connect_ports"] == [443, 8443]
+    assert eff["timeouts"]["connect"] == 2.5
+    assert eff["timeouts"]["pool_wait"] == 5.0  # default filled in
+    assert eff["limits"]["header_count"] == 100
+    assert eff["pool"]["warm"] == 2
+    [origin] = eff["origin"]
+    assert (origin["host"], origin["port"], origin["warm"]) == ("example.com", 8443, 4)
+
+
+def test_version():
+    r = run_proxyd("--version")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert re.search(r"\b\d+\.\d+\.\d+\b", out), out
+    print(out.strip())
+
+
+def test_sigterm_exits_zero_and_workers_exit(proxyd):
+    p = proxyd(workers=2)
+    workers = p.worker_pids()
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    rc = p.terminate(timeout=5)
+    assert rc == 0, (rc, p.stderr_text())
+    for pid in workers:
+        assert wait_pid_gone(pid, 5), f"worker {pid} still running after master exit"
+    print(f"SIGTERM -> exit in {time.monotonic() - t0:.2f}s")
+
+
+@pytest.mark.parametrize("state", ["after_closed_tunnel", "idle_keepalive_client"])
+def test_sigterm_is_prompt_after_traffic(proxyd, tls_origin, echo_server, state):
+    p = proxyd(workers=1, config={"connect_ports": [443, echo_server.port]})
+    c = Raw(p.port)
+    if state == "after_closed_tunnel":
+        c.send(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n"
+               f"Host: 127.0.0.1:{echo_server.port}\r\n\r\n")
+        assert read_response_head(c.f).status == 200
+        c.send(b"ping")
+        assert c.f.read(4) == b"ping"
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.f.read() == b""
+        c.close()
+    else:  # a keep-alive client connection left open and idle
+        c.send(f"GET {tls_origin.url('/bytes/10')} HTTP/1.1\r\n"
+               f"Host: {tls_origin.authority}\r\n\r\n")
+        assert c.response().body == pattern_bytes(10)
+    workers = p.worker_pids()
+    t0 = time.monotonic()
+    rc = p.terminate(timeout=5)
+    elapsed = time.monotonic() - t0
+    c.close()
+    assert rc == 0, (rc, p.stderr_text()[-2000:])
+    for pid in workers:
+        assert wait_pid_gone(pid, 5)
+    print(f"SIGTERM -> exit in {elapsed:.2f}s")

@@ -1,0 +1,319 @@
+"""Pool and worker integration over real sockets against a trustme TLS origin.
+
+The worker runs in-process on an asyncio loop; the origin (tests/origin.py) runs in threads
+and records every handshake, connection and request it sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+from origin import OriginServer, id_body, server_context
+from proxyd import config, errors
+from proxyd.pool import Pool
+from proxyd.router import OriginKey
+from proxyd.worker import Worker
+
+TIMEOUT = 10.0
+
+
+def run_async(fn):
+    """Run an async test on a fresh event loop (no pytest-asyncio dependency)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 60))
+    return wrapper
+
+
+def make_cfg(ca_pem: str, origin: OriginServer | None = None, **origin_kw: object) -> config.Config:
+    data: dict = {"tls": {"ca_file": str(ca_pem)}, "pool": {"learned_warm": 0},
+                  "timeouts": {"pool_wait": 0.5}}
+    if origin is not None:
+        data["origin"] = [{"host": "localhost", "port": origin.port, **origin_kw}]
+    return config.from_mapping(data, "test.toml")
+
+
+@contextlib.asynccontextmanager
+async def running_worker(cfg: config.Config) -> AsyncIterator[tuple[Worker, int]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    worker = Worker(cfg, sock, None)
+    task = asyncio.ensure_future(worker.run())
+    try:
+        await wait_until(lambda: worker.pools or not cfg.origin)
+        yield worker, sock.getsockname()[1]
+    finally:
+        worker._stop.set()
+        await asyncio.wait_for(task, TIMEOUT)
+        sock.close()
+
+
+async def wait_until(predicate, timeout: float = TIMEOUT) -> None:
+    """Poll a condition on the event loop (the worker runs on the same loop)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+async def fetch(port: int, method: str, url: str, body: bytes = b"") -> tuple[int, dict, bytes]:
+    """One request on a new client connection; returns status, headers, body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    host = url.split("/")[2]
+    head = f"{method} {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+    if body:
+        head += f"Content-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"\r\n" + body)
+    data = await asyncio.wait_for(reader.read(), TIMEOUT)
+    writer.close()
+    head_b, _, rest = data.partition(b"\r\n\r\n")
+    lines = head_b.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, rest
+
+
+class FakeWaiter:
+    """Records what the pool hands out (the client side of an acquire)."""
+
+    def __init__(self) -> None:
+        self.conn = None
+        self.reused: bool | None = None
+        self.error: errors.ProxyError | None = None
+        self.event = asyncio.Event()
+
+    def on_connection(self, conn, reused: bool) -> None:
+        self.conn, self.reused = conn, reused
+        self.event.set()
+
+    def on_pool_error(self, exc: errors.ProxyError) -> None:
+        self.error = exc
+        self.event.set()
+
+
+def pool_of(worker: Worker, origin: OriginServer) -> Pool:
+    return worker.pools[OriginKey("localhost", origin.port, True)]
+
+
+@run_async
+async def test_warm_floor_is_filled_before_requests_and_serves_them(tls_origin, ca_pem):
+    cfg = make_cfg(ca_pem, tls_origin, warm=3)
+    async with running_worker(cfg) as (worker, port):
+        pool = pool_of(worker, tls_origin)
+        await wait_until(lambda: len(pool.idle) == 3)
+        # TLS 1.3: the client finishes its side just before the origin counts it
+        assert tls_origin.wait_handshakes(3, 5) and tls_origin.handshakes == 3
+        assert repr(pool) == f"<Pool localhost:{tls_origin.port} idle=3 busy=0 connecting=0 waiting=0>"
+        warm_conns = {id(c) for c in pool.idle}
+        status, _, body = await fetch(port, "GET", tls_origin.url("/id/a?size=100"))
+        assert status == 200 and body == id_body("a", 100)
+        assert worker.stats.warm_hits == 1 and worker.stats.pool_misses == 0
+        # the request ran on one of the pre-handshaked connections
+        assert any(id(c) in warm_conns for c in pool.idle)
+        # the taken connection was refilled in the background: floor of 3 idle again
+        await wait_until(lambda: len(pool.idle) >= 3 and pool.connecting == 0)
+
+
+@run_async
+async def test_lifo_reuse_of_most_recent_connection(tls_origin, ca_pem):
+    cfg = make_cfg(ca_pem, tls_origin, warm=3)
+    async with running_worker(cfg) as (worker, _):
+        pool = pool_of(worker, tls_origin)
+        await wait_until(lambda: len(pool.idle) == 3)
+        w1 = FakeWaiter()
+        pool.acquire(w1)
+        assert w1.reused is True
+        newest = pool.idle[-1]
+        w2 = FakeWaiter()
+        pool.acquire(w2)
+        assert w2.conn is newest, "LIFO: the most recently idle connection goes first"
+        pool.release(w1.conn, reusable=True)
+        w3 = FakeWaiter()
+        pool.acquire(w3)
+        assert w3.conn is w1.conn
+        pool.release(w2.conn, reusable=True)
+        pool.release(w3.conn, reusable=True)
+
+
+@run_async
+async def test_limit_queues_fifo_then_503(tls_origin, ca_pem):
+    cfg = make_cfg(ca_pem, tls_origin, warm=1, max_connections=1)
+    async with running_worker(cfg) as (worker, _):
+        pool = pool_of(worker, tls_origin)
+        await wait_until(lambda: len(pool.idle) == 1)
+        holder, first, second = FakeWaiter(), FakeWaiter(), FakeWaiter()
+        pool.acquire(holder)
+        pool.acquire(first)
+        pool.acquire(second)
+        assert repr(pool).endswith("idle=0 busy=1 connecting=0 waiting=2>")
+        pool.release(holder.conn, reusable=True)
+        assert first.conn is holder.conn and second.conn is None, "FIFO order"
+        await asyncio.wait_for(second.event.wait(), TIMEOUT)  # pool_wait = 0.5 s
+        assert isinstance(second.error, errors.ConnectionLimitReached)
+        assert second.error.status == 503
+        pool.release(first.conn, reusable=True)
+
+
+@run_async
+async def test_idle_ttl_closes_and_floor_refills(tls_origin, ca_pem):
+    cfg = make_cfg(ca_pem, tls_origin, warm=1, idle_ttl=0.3)
+    async with running_worker(cfg) as (worker, _):
+        pool = pool_of(worker, tls_origin)
+        await wait_until(lambda: len(pool.idle) == 1)
+        first = pool.idle[0]
+        await wait_until(lambda: first.close_reason == "idle_ttl")
+        await wait_until(lambda: len(pool.idle) == 1 and pool.idle[0] is not first)
+        assert tls_origin.wait_handshakes(2, 5)
+
+
+@run_async
+async def test_origin_keep_alive_timeout_shortens_ttl(origin_factory, ca_pem):
+    origin = origin_factory(keep_alive_header="timeout=3, max=2")
+    cfg = make_cfg(ca_pem, origin, warm=0)
+    async with running_worker(cfg) as (worker, port):
+        status, _, _ = await fetch(port, "GET", origin.url("/bytes/10"))
+        assert status == 200
+        pool = pool_of(worker, origin)
+        conn = pool.idle[-1]
+        assert conn.ttl == 2.0, "idle TTL is one second under the origin's Keep-Alive timeout"
+        assert conn.max_requests == 3, "max=2 more requests after the first"
+        await fetch(port, "GET", origin.url("/bytes/10"))
+        await fetch(port, "GET", origin.url("/bytes/10"))
+        assert conn.close_reason == "max_requests"
+
+
+@run_async
+async def test_max_requests_and_lifetime(tls_origin, ca_pem):
+    cfg = make_cfg(ca_pem, tls_origin, warm=0, max_requests=2)
+    async with running_worker(cfg) as (worker, port):
+        for _ in range(4):
+            assert (await fetch(port, "GET", tls_origin.url("/bytes/1")))[0] == 200
+        assert tls_origin.wait_handshakes(2, 5) and tls_origin.handshakes == 2
+        pool = pool_of(worker, tls_origin)
+        conn = pool.idle[-1] if pool.idle else None
+        assert conn is None or conn.requests < 2
+
+
+@run_async
+async def test_idle_connection_closed_by_origin_is_dropped_at_once(origin_factory, ca_pem):
+    origin = origin_factory(idle_close_after=0.2)
+    cfg = make_cfg(ca_pem, origin, warm=2, idle_ttl=60.0)
+    async with running_worker(cfg) as (worker, port):
+        pool = pool_of(worker, origin)
+        await wait_until(lambda: origin.idle_closes >= 2)
+        # dropped on EOF long before the 60 s TTL, and the floor is refilled
+        await wait_until(lambda: all(c.close_reason == "" for c in pool.idle)
+                         and worker.stats.upstream_closed >= 2)
+        for i in range(10):
+            status, _, body = await fetch(port, "GET", origin.url(f"/id/r{i}?size=50"))
+            assert status == 200 and body == id_body(f"r{i}", 50)
+
+
+class FlakyOrigin:
+    """A TLS origin whose every connection answers one request, then hangs up on the next
+    without a response byte: the classic stale keep-alive race."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[bytes] = []
+        self.handshakes = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            conn = self.ctx.wrap_socket(raw, server_side=True)
+            self.handshakes += 1
+            f = conn.makefile("rb")
+            for n in range(2):
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = f.readline()
+                    if not line:
+                        return
+                    head += line
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                f.read(length)
+                self.requests.append(head.split(b"\r\n")[0])
+                if n == 1:
+                    return  # hang up on the second request without answering
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except OSError:
+            pass
+        finally:
+            raw.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def flaky_origin(ca):
+    o = FlakyOrigin(server_context(ca))
+    yield o
+    o.close()
+
+
+@run_async
+async def test_idempotent_request_retried_once_on_fresh_connection(flaky_origin, ca_pem):
+    cfg = make_cfg(ca_pem)
+    cfg = config.apply_flags(cfg, origins=[f"localhost:{flaky_origin.port}"], warm=0)
+    async with running_worker(cfg) as (worker, port):
+        url = f"http://localhost:{flaky_origin.port}/x"
+        assert (await fetch(port, "GET", url))[0] == 200
+        status, _, body = await fetch(port, "GET", url)  # reused conn hangs up -> retry
+        assert (status, body) == (200, b"ok")
+        assert worker.stats.retries == 1
+        assert flaky_origin.handshakes == 2
+
+
+@run_async
+async def test_non_idempotent_request_not_retried(flaky_origin, ca_pem):
+    cfg = make_cfg(ca_pem)
+    cfg = config.apply_flags(cfg, origins=[f"localhost:{flaky_origin.port}"], warm=0)
+    async with running_worker(cfg) as (worker, port):
+        url = f"http://localhost:{flaky_origin.port}/x"
+        assert (await fetch(port, "POST", url, b"a"))[0] == 200
+        status, headers, _ = await fetch(port, "POST", url, b"b")
+        assert status == 502
+        assert "error=http_response_incomplete" in headers["proxy-status"]
+        assert worker.stats.retries == 0
+        assert [r for r in flaky_origin.requests if r.startswith(b"POST")] == [b"POST /x HTTP/1.1"] * 2
+
+
+@run_async
+async def test_connect_errors_map_to_proxy_status(ca_pem):
+    cfg = make_cfg(ca_pem)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port_closed = closed.getsockname()[1]
+    closed.close()
+    async with running_worker(cfg) as (_, port):
+        status, headers, body = await fetch(port, "GET", f"http://127.0.0.1:{port_closed}/")
+        assert status == 502 and "error=connection_refused" in headers["proxy-status"]
+        assert b"refused" in body
