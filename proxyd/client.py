@@ -383,8 +383,8 @@ class ClientConnection(asyncio.Protocol):
             # HTTP/1.0 clients cannot take chunked: send raw and close (RFC 9112 §7).
             framing = Framing.CHUNKED if req.version >= 11 else Framing.CLOSE
         self.out_framing = framing
-        if framing is Framing.CLOSE or not self.req_done:
-            self.keep_alive = False
+        if framing is Framing.CLOSE or not self.req_done or self.worker.draining:
+            self.keep_alive = False  # say "close" now rather than close after a keep-alive
         self.deadline = time.monotonic() + self.worker.timeouts.body_idle
         self.transport.write(client_response_head(  # type: ignore[union-attr]
             head, framing, self.keep_alive, req.version, self.worker.via(req.version)))
