@@ -21,6 +21,7 @@ from .http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, Framing, Incomplete
                     RequestHead, RequestParser, ResponseHead, chunk_frame, last_chunk)
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
+from .metrics import NO_ORIGIN
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -266,8 +267,13 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         assert req is not None and self.route is not None
         stats = self.worker.stats
+        ostats = self.pool.ostats  # type: ignore[union-attr]
         if reused:
             stats.warm_hits += 1
+            ostats.hits += 1
+        else:
+            stats.pool_misses += 1
+            ostats.misses += 1
         self.reused = reused
         self.t_conn = time.monotonic()
         self.upstream = conn
@@ -504,14 +510,19 @@ class ClientConnection(asyncio.Protocol):
                                             self.keep_alive, exc.details, head_only))
 
     def _log(self, status: int, error: str) -> None:
-        """Write the exchange's access-log line (once)."""
-        access = self.worker.access_log
-        req = self.req
-        if self.logged or not access.enabled:
+        """Count the finished exchange and write its access-log line (once)."""
+        if self.logged:
             return
         self.logged = True
+        worker = self.worker
         now = time.monotonic()
         started = self.started or now
+        if worker.metrics_enabled:
+            self._count(status, error, now - started)
+        access = worker.access_log
+        if not access.enabled:
+            return
+        req = self.req
         origin = str(self.route.origin) if self.route else "-"
         path = self.route.target if self.route else (req.target if req else b"-")
         wait = self.t_conn - started if self.t_conn else now - started
@@ -519,6 +530,22 @@ class ClientConnection(asyncio.Protocol):
         access.record(self.peer, req.method if req else b"-", origin, path, status, self.bytes_in,
                       self.bytes_out, now - started, wait, ttfb, self.reused, self.retried,
                       error)
+
+    def _count(self, status: int, error: str, duration: float) -> None:
+        pool = self.pool
+        ostats = pool.ostats if pool is not None else self.worker.stats.origin(NO_ORIGIN, True)
+        ostats.count_request(self.req.method if self.req else b"-", status)
+        ostats.request_bytes += self.bytes_in
+        ostats.response_bytes += self.bytes_out
+        ostats.duration.observe(duration)
+        if self.t_conn:
+            ostats.wait.observe(self.t_conn - self.started)
+            if self.t_head:
+                ostats.ttfb.observe(self.t_head - self.t_conn)
+        if error:
+            ostats.errors[error] += 1
+        if self.retried:
+            ostats.retries += 1
 
     def _finish(self) -> None:
         """The exchange is over; read the next request or close."""

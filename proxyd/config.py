@@ -98,6 +98,8 @@ class Config:
     workers: int = 0                 # 0 = one per CPU
     log_level: str = "info"
     access_log: bool = True
+    metrics: bool = True             # count per-origin metrics in workers (off: cheaper)
+    metrics_max_origins: int = 50    # learned origins with their own label; more -> "other"
     via: str = "proxyd"              # received-by pseudonym in Via; also loop detection
     default_origin: str = ""         # host[:port] for origin-form requests
     connect_ports: tuple[int, ...] = (443,)

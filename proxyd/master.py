@@ -20,7 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .admin import AdminServer
 from .config import Config, ConfigError, parse_hostport
+from .metrics import MetricsView, ProxydCollector, fold_origins, merge
 from .systemd import Notifier, listen_fds
 
 log = logging.getLogger("proxyd.master")
@@ -43,7 +48,7 @@ class WorkerProc:
     draining: bool = False
     buffer: bytes = b""
     last_seen: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, object] = field(default_factory=dict)
 
 
 def bind_listener(address: str, source: str, backlog: int = 1024) -> socket.socket:
@@ -64,9 +69,14 @@ class Master:
 
     def __init__(self, cfg: Config, listen_sock: socket.socket,
                  loader: Callable[[], Config] | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None,
+                 admin_sock: socket.socket | None = None) -> None:
         self.cfg = cfg
         self.sock = listen_sock
+        self.admin = AdminServer(admin_sock, self._admin) if admin_sock is not None else None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ProxydCollector(self.metrics_view))
+        self.last_reload_success = time.time()
         self.loader = loader
         self.notify = notifier or Notifier()
         self.workers: dict[int, WorkerProc] = {}
@@ -80,7 +90,7 @@ class Master:
         self.exit_code = 0
         self.respawn_failures = 0
         self.next_respawn = 0.0
-        self.totals_dead: dict[str, float] = collections.defaultdict(float)
+        self.totals_dead: dict[str, object] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.worker_restarts = 0
@@ -94,6 +104,14 @@ class Master:
         """The bound address as host:port (the real port when 0 was asked for)."""
         host, port = self.sock.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def admin_address(self) -> str:
+        """The metrics listener's address, or "-"."""
+        if self.admin is None:
+            return "-"
+        host, port = self.admin.sock.getsockname()[:2]
+        return f"{host}:{port}"
 
     def current(self) -> list[WorkerProc]:
         """Workers of the serving generation."""
@@ -132,6 +150,8 @@ class Master:
             os.close(self._wake_w)
             for w in self.workers.values():
                 os.close(w.read_fd)
+            if self.admin is not None:
+                self.admin.close()  # the child's copies only; the master keeps serving
             from .worker import worker_main
             code = worker_main(cfg, self.sock, write_fd)
         except BaseException:
@@ -156,10 +176,9 @@ class Master:
             self._worker_exited(proc, os.waitstatus_to_exitcode(status))
 
     def _keep_totals(self, proc: WorkerProc) -> None:
-        # Counters of dead workers stay in the totals so that they never go backwards.
-        for key, value in proc.stats.items():
-            if isinstance(value, (int, float)) and key not in ("pid",):
-                self.totals_dead[key] += value
+        # Counters of exited workers stay in the totals so that they never go backwards.
+        merge(self.totals_dead, {k: proc.stats[k] for k in ("counters", "origins")
+                                 if k in proc.stats})
 
     def _worker_exited(self, proc: WorkerProc, code: int) -> None:
         fields = {"worker_pid": proc.pid, "status": code, "generation": proc.generation}
@@ -217,10 +236,16 @@ class Master:
 
     def _step(self) -> None:
         fds = [self._wake_r] + [w.read_fd for w in self.workers.values()]
+        wfds: list[int] = []
+        if self.admin is not None:
+            fds += self.admin.read_fds()
+            wfds = self.admin.write_fds()
         try:
-            readable, _, _ = select.select(fds, [], [], 0.25)
+            readable, writable, _ = select.select(fds, wfds, [], 0.25)
         except InterruptedError:
-            readable = []
+            readable, writable = [], []
+        if self.admin is not None:
+            self.admin.handle(readable, writable)
         if self._wake_r in readable:
             try:
                 os.read(self._wake_r, 4096)
@@ -248,7 +273,8 @@ class Master:
         if not self.announced and self._generation_ready():
             self.announced = True
             log.info("ready", extra={"fields": {
-                "listen": self.address, "workers": len(self.current()),
+                "listen": self.address, "metrics_listen": self.admin_address,
+                "workers": len(self.current()),
                 "warm_origins": len(self.cfg.origin)}})
             self.notify.ready(self.status_line())
         self._notify_periodic(now)
@@ -270,18 +296,36 @@ class Master:
         cur = self.current()
         return bool(cur) and all(w.ready and now - w.last_seen < _HEARTBEAT_STALE for w in cur)
 
-    def totals(self) -> dict[str, float]:
+    def totals(self) -> dict[str, object]:
         """Counters summed over live workers and the ones that exited."""
-        out = collections.defaultdict(float, self.totals_dead)
+        out: dict[str, object] = {}
+        merge(out, self.totals_dead)
         for w in self.workers.values():
-            for key, value in w.stats.items():
-                if isinstance(value, (int, float)) and key != "pid":
-                    out[key] += value
+            merge(out, {k: w.stats[k] for k in ("counters", "origins") if k in w.stats})
         return out
+
+    def gauges(self) -> dict[str, object]:
+        """Gauges summed over live workers only."""
+        out: dict[str, object] = {}
+        for w in self.workers.values():
+            if not w.draining and isinstance(w.stats.get("gauges"), dict):
+                merge(out, w.stats["gauges"])  # type: ignore[arg-type]
+        return out
+
+    def metrics_view(self) -> MetricsView:
+        """The aggregated state the Prometheus collector exposes."""
+        totals = self.totals()
+        configured = {f"{o.host.lower()}:{o.port}" for o in self.cfg.origin}
+        cap = self.cfg.metrics_max_origins
+        totals["origins"] = fold_origins(totals.get("origins", {}), configured, cap)  # type: ignore[arg-type]
+        gauges = self.gauges()
+        gauges["pools"] = fold_origins(gauges.get("pools", {}), configured, cap)  # type: ignore[arg-type]
+        return MetricsView(totals, gauges, len(self.current()), self.worker_restarts,
+                           self.reloads_ok, self.reloads_failed, self.last_reload_success)
 
     def status_line(self) -> str:
         """One-line summary for systemd's STATUS=."""
-        t = self.totals()
+        t = collections.defaultdict(float, self.totals().get("counters", {}))  # type: ignore[arg-type]
         now = time.monotonic()
         then, before = self._status_requests
         rate = (t["requests"] - before) / (now - then) if then and now > then else 0.0
@@ -328,6 +372,7 @@ class Master:
             self.cfg = new
             self.reload_pending = None
             self.reloads_ok += 1
+            self.last_reload_success = time.time()
             log.info("reloaded", extra={"fields": {"generation": self.generation,
                                                    "draining": len(old)}})
             self.notify.ready(self.status_line())
@@ -344,6 +389,39 @@ class Master:
         self.reload_pending = None
         self.reloads_failed += 1
         self.notify.ready(self.status_line())
+
+    # -- admin endpoints ----------------------------------------------------------------------
+    def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/healthz":
+            return 200, "text/plain", b"ok\n"
+        if path == "/readyz":
+            ready = self.announced and self._generation_ready() and not self.stopping
+            return (200, "text/plain", b"ready\n") if ready else (503, "text/plain", b"not ready\n")
+        if path in ("/status", "/"):
+            return 200, "text/plain; charset=utf-8", self.status_page().encode()
+        return 404, "text/plain", b"not found: try /metrics, /healthz, /readyz, /status\n"
+
+    def status_page(self) -> str:
+        """A human-readable page: workers, pools per origin, warm-hit ratio, recent errors."""
+        lines = [f"proxyd on {self.address}: {self.status_line()}", ""]
+        for w in sorted(self.workers.values(), key=lambda w: w.pid):
+            state = "draining" if w.draining else ("ready" if w.ready else "starting")
+            lines.append(f"worker {w.pid} generation {w.generation} {state}")
+            gauges = w.stats.get("gauges", {})
+            for label, p in sorted(gauges.get("pools", {}).items()):  # type: ignore[union-attr]
+                lines.append(f"  pool {label}: idle={p['idle']} busy={p['busy']} "
+                             f"connecting={p['connecting']} waiting={p['waiting']}")
+            for origin, err in sorted(w.stats.get("recent_errors", {}).items()):  # type: ignore[union-attr]
+                lines.append(f"  last error {origin}: {err}")
+        lines.append("")
+        for label, o in sorted(self.metrics_view().totals.get("origins", {}).items()):  # type: ignore[union-attr]
+            hit, miss = o.get("pool", {}).get("hit", 0), o.get("pool", {}).get("miss", 0)
+            ratio = f"{100 * hit / (hit + miss):.1f}%" if hit + miss else "n/a"
+            total = sum(o.get("requests", {}).values())
+            lines.append(f"origin {label}: {total} requests, warm hit {ratio}")
+        return "\n".join(lines) + "\n"
 
     # -- stop ---------------------------------------------------------------------------------
     def _handle_signal(self, signum: int) -> None:
@@ -397,7 +475,15 @@ def run(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
     except OSError as exc:
         print(f"proxyd: cannot listen on {cfg.listen}: {exc.strerror}", file=sys.stderr)
         return 1
-    master = Master(cfg, sock, loader)
+    try:
+        admin = bind_listener(cfg.metrics_listen, cfg.source, backlog=64)
+    except OSError as exc:
+        print(f"proxyd: cannot listen on {cfg.metrics_listen} (metrics_listen): {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    master = Master(cfg, sock, loader, admin_sock=admin)
+    mhost, mport = admin.getsockname()[:2]
     log.info("starting", extra={"fields": {"listen": master.address,
+                                           "metrics_listen": f"{mhost}:{mport}",
                                            "workers": cfg.worker_count}})
     return master.run()

@@ -65,6 +65,7 @@ class Pool:
         self.last_error = ""
         self.closed = False
         self._refill_scheduled = False
+        self.ostats = stats.origin(str(key), configured=not learned)
 
     def __repr__(self) -> str:
         return (f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} "
@@ -80,8 +81,8 @@ class Pool:
         """Idle connections to keep ready now (learned origins only while in use)."""
         if self.closed:
             return 0
-        if self.learned and time.monotonic() - self.last_used > self.learned_ttl:
-            return 0
+        if self.learned and (self.failures or time.monotonic() - self.last_used > self.learned_ttl):
+            return 0  # a learned origin that fails is only retried when a request asks
         return self.settings.warm
 
     # -- acquire / release --------------------------------------------------------------------
@@ -104,7 +105,6 @@ class Pool:
                 f"too many requests waiting for a connection to {self.key}"))
             return
         self.waiters.append((now + self.pool_wait, waiter))
-        self.stats.pool_misses += 1
         self._open_for_waiters()
 
     def _pop_idle(self, now: float) -> UpstreamConnection | None:
@@ -158,6 +158,7 @@ class Pool:
         except ValueError:
             pass
         self.stats.upstream_closed += 1
+        self.ostats.closed[reason] += 1
         log.debug("closed %r reason=%s", conn, reason)
 
     # -- opening ------------------------------------------------------------------------------
@@ -199,9 +200,12 @@ class Pool:
     def _opened(self, conn: UpstreamConnection, handshake: float) -> None:
         stats = self.stats
         stats.upstream_opened += 1
+        self.ostats.opened += 1
         if self.key.tls:
             stats.handshakes += 1
             stats.handshake_seconds += handshake
+            self.ostats.handshakes_ok += 1
+            self.ostats.handshake.observe(handshake)
         if self.failures:
             log.info("origin %s reachable again after %d failed attempts", self.key, self.failures)
         self.failures = 0
@@ -220,8 +224,10 @@ class Pool:
     def _open_failed(self, exc: errors.ProxyError) -> None:
         self.failures += 1
         self.last_error = exc.reason
-        if isinstance(exc, (errors.TlsCertificateError, errors.TlsProtocolError)):
+        if isinstance(exc, (errors.TlsCertificateError, errors.TlsProtocolError)) or (
+                isinstance(exc, errors.ConnectionTimeout) and "TLS" in exc.reason):
             self.stats.handshake_failures += 1
+            self.ostats.handshakes_error += 1
         backoff = min(_MAX_BACKOFF, 0.5 * 2 ** min(self.failures, 8))
         self.retry_at = time.monotonic() + backoff
         if self.failures == 1:  # log once per outage, not once per attempt
@@ -251,6 +257,11 @@ class Pool:
                 f"and none became free within {self.pool_wait:g} s")
         return errors.ConnectionTimeout(
             f"no connection to {self.key} could be opened within {self.pool_wait:g} s")
+
+    def gauges(self) -> dict[str, int]:
+        """Connection counts by state, for the metrics."""
+        return {"idle": len(self.idle), "busy": len(self.busy), "connecting": self.connecting,
+                "waiting": len(self.waiters)}
 
     @property
     def unused(self) -> bool:

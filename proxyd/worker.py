@@ -19,7 +19,7 @@ from .client import ClientConnection, ClientState
 from .config import Config, OriginConfig
 from .headers import via_entry
 from .http1 import ParserLimits
-from .metrics import WorkerStats
+from .metrics import WorkerStats, merge
 from .pool import Pool
 from .router import OriginKey, Route, Router
 from .upstream import Connector, make_ssl_context
@@ -43,7 +43,8 @@ class Worker:
         self.parser_limits = ParserLimits(lim.request_line, lim.head_size, lim.header_count,
                                           lim.chunk_line, lim.trailer_size)
         self.router = Router(cfg)
-        self.stats = WorkerStats()
+        self.stats = WorkerStats(max_learned=cfg.metrics_max_origins)
+        self.metrics_enabled = cfg.metrics
         self.clients: set[ClientConnection] = set()
         self.pools: dict[OriginKey, Pool] = {}
         self.draining = False
@@ -139,7 +140,19 @@ class Worker:
                 self._stop.set()
             if now - last_stats >= _STATS_EVERY:
                 last_stats = now
-                self._report({"event": "stats", "pid": os.getpid(), **self.stats.snapshot()})
+                self._report_stats()
+
+    def _report_stats(self) -> None:
+        pools: dict[str, dict[str, int]] = {}
+        recent: dict[str, str] = {}
+        for pool in self.pools.values():
+            label = pool.ostats.label
+            merge(pools.setdefault(label, {}), pool.gauges())
+            if pool.last_error:
+                recent[str(pool.key)] = pool.last_error
+        self._report({"event": "stats", "pid": os.getpid(), **self.stats.snapshot(),
+                      "gauges": {"client_connections": len(self.clients), "pools": pools},
+                      "recent_errors": recent})
 
     async def _drain(self, server: asyncio.AbstractServer) -> None:
         """Stop accepting, let in-flight exchanges finish, close the rest."""
@@ -159,6 +172,7 @@ class Worker:
         for pool in self.pools.values():
             pool.close()
         self.access_log.flush()
+        self._report_stats()  # final counters, so the master's totals lose nothing
 
 
 def worker_main(cfg: Config, listen_sock: socket.socket, report_fd: int | None) -> int:
