@@ -61,6 +61,8 @@ class ClientConnection(asyncio.Protocol):
         self.paused = 0
         self.writing_paused = False
         self._in_loop = False
+        self._out: list[bytes] = []
+        self._corked = False
         self.tunnel: Tunnel | None = None
         self._reset_exchange()
 
@@ -379,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
                 self._upstream_protocol_error("origin switched protocols without being asked")
             elif req.version >= 11:
                 # RFC 9110 §15.2: forward 1xx (100 Continue, 103 Early Hints) to 1.1 clients.
-                self.transport.write(informational_head(head, self.worker.via(11)))  # type: ignore[union-attr]
+                self._send(informational_head(head, self.worker.via(11)))
             return
         self.resp = head
         self.resp_started = True
@@ -392,7 +394,7 @@ class ClientConnection(asyncio.Protocol):
         if framing is Framing.CLOSE or not self.req_done or self.worker.draining:
             self.keep_alive = False  # say "close" now rather than close after a keep-alive
         self.deadline = time.monotonic() + self.worker.timeouts.body_idle
-        self.transport.write(client_response_head(  # type: ignore[union-attr]
+        self._send(client_response_head(
             head, framing, self.keep_alive, req.version, self.worker.via(req.version)))
 
     def on_response_data(self, data: bytes) -> None:
@@ -401,16 +403,18 @@ class ClientConnection(asyncio.Protocol):
         stats.bytes_to_clients += len(data)
         self.bytes_out += len(data)
         if self.out_framing is Framing.CHUNKED:
-            self.transport.writelines(chunk_frame(data))  # type: ignore[union-attr]
+            self._out.extend(chunk_frame(data))
+            if not self._corked:
+                self._flush()
         else:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self._send(data)
         self.deadline = time.monotonic() + self.worker.timeouts.body_idle
 
     def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """The response is complete."""
         self._log(self.resp.status if self.resp else 0, "")
         if self.out_framing is Framing.CHUNKED:
-            self.transport.write(last_chunk(filter_trailers(trailers)))  # type: ignore[union-attr]
+            self._send(last_chunk(filter_trailers(trailers)))
         conn = self.upstream
         self.upstream = None
         if conn is not None:
@@ -506,7 +510,7 @@ class ClientConnection(asyncio.Protocol):
             phrase = "Error"
         self._log(exc.status, exc.error_type)
         head_only = self.req is not None and self.req.method == b"HEAD"
-        self.transport.write(error_response(exc.status, phrase, exc.error_type, exc.reason,
+        self._send(error_response(exc.status, phrase, exc.error_type, exc.reason,
                                             self.keep_alive, exc.details, head_only))
 
     def _log(self, status: int, error: str) -> None:
@@ -563,7 +567,32 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = time.monotonic() + self.worker.timeouts.client_head
             self._process()
 
+    # -- output: writes made while the origin's bytes are being delivered are joined into
+    # one send (head and body of a small response in one segment, not two syscalls).
+    def cork(self) -> None:
+        """Hold writes until :meth:`uncork`."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """Send what was held."""
+        self._corked = False
+        if self._out:
+            self._flush()
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._corked:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def _close(self) -> None:
+        if self._out:
+            self._flush()
         if self.state is not ClientState.CLOSED:
             self.state = ClientState.CLOSED
             if self.transport is not None:

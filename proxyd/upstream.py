@@ -41,6 +41,8 @@ class Exchange(Protocol):
     def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
     def on_upstream_error(self, exc: errors.ProxyError, retryable: bool) -> None: ...
     def pause_request_body(self) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def resume_request_body(self) -> None: ...
 
 
@@ -110,6 +112,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- response events ----------------------------------------------------------------------
     def _deliver(self, exchange: Exchange) -> None:
+        exchange.cork()
+        try:
+            self._deliver_events(exchange)
+        finally:
+            exchange.uncork()
+
+    def _deliver_events(self, exchange: Exchange) -> None:
         parser = self.parser
         while self.exchange is exchange:
             try:
