@@ -57,6 +57,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.HEAD
         self.deadline = time.monotonic() + worker.timeouts.client_head
         self.head_started = False  # bytes of the next head have arrived
+        self.exchanges = 0  # requests begun on this connection
         self.peer = ""
         self.paused = 0
         self.writing_paused = False
@@ -209,6 +210,7 @@ class ClientConnection(asyncio.Protocol):
     def _begin(self, req: RequestHead) -> None:
         worker = self.worker
         worker.stats.requests += 1
+        self.exchanges += 1
         self.req = req
         self.started = time.monotonic()
         self.head_started = False

@@ -161,7 +161,11 @@ class Worker:
         deadline = time.monotonic() + self.timeouts.shutdown
         while time.monotonic() < deadline:
             for client in list(self.clients):
-                if client.state is ClientState.HEAD and not client.head_started:
+                # Close keep-alive connections between requests. A new connection that has
+                # not sent its first request yet is given until client_head to send it:
+                # closing it now would reset a client that just connected.
+                if (client.state is ClientState.HEAD and not client.head_started
+                        and client.exchanges):
                     client.check_deadline(float("inf"))
             if not self.clients:
                 break
