@@ -158,6 +158,9 @@ class Worker:
         """Stop accepting, let in-flight exchanges finish, close the rest."""
         self.draining = True
         server.close()
+        # Connections accepted just before close() get their protocol a loop turn later (the
+        # accept path is a task): let them arrive, or exiting would reset them.
+        await asyncio.sleep(0.05)
         deadline = time.monotonic() + self.timeouts.shutdown
         while time.monotonic() < deadline:
             for client in list(self.clients):
