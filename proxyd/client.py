@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 from . import errors
 from .headers import (client_response_head, error_response, filter_trailers, has_loop,
                       informational_head, upstream_request_head)
-from .http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, Framing, IncompleteMessage, ParseError,
-                    RequestHead, RequestParser, ResponseHead, chunk_frame, last_chunk)
+from .http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, Framing, IncompleteMessage,
+                    ParseError, RequestHead, RequestParser, ResponseHead, chunk_frame,
+                    last_chunk, lower_names)
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
 from .metrics import NO_ORIGIN
@@ -236,11 +237,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _check(self, req: RequestHead) -> None:
         """Request-level rules that need no routing decision."""
-        hosts = sum(1 for n, _ in req.headers if n.lower() == b"host")
+        lnames = lower_names(req)
+        hosts = lnames.count(b"host")
         if hosts > 1 or (hosts == 0 and req.version >= 11):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1.
             raise errors.ParseError("request needs exactly one Host header field")
-        if has_loop(req.headers, self.worker.cfg.via):
+        if b"via" in lnames and has_loop(req.headers, self.worker.cfg.via):
             raise errors.ProxyError("request loop detected: Via already names this proxy",
                                     status=508, error_type="proxy_loop_detected")
         expect = req.get(b"expect")

@@ -8,7 +8,8 @@ hop-by-hop fields (``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Transfer-Enco
 
 from __future__ import annotations
 
-from .http1 import Framing, Headers, RequestHead, ResponseHead, field_values, serialize_head
+from .http1 import (Framing, Headers, RequestHead, ResponseHead, field_values, lower_names,
+                    serialize_head)
 
 # Fields never forwarded, whatever Connection says. Content-Length is handled by framing.
 HOP_BY_HOP = frozenset({
@@ -25,15 +26,11 @@ FORBIDDEN_TRAILERS = frozenset({
 })
 
 
-def _filtered(headers: Headers, named: frozenset[bytes]) -> Headers:
-    """Headers minus hop-by-hop fields and those named by Connection."""
-    out: Headers = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in named:
-            continue
-        out.append((name, value))
-    return out
+def _filtered(head: RequestHead | ResponseHead) -> Headers:
+    """Fields minus hop-by-hop ones and those named by Connection."""
+    named = head.connection_tokens
+    return [hv for lname, hv in zip(lower_names(head), head.headers)
+            if lname not in HOP_BY_HOP and lname not in named]
 
 
 def filter_trailers(trailers: Headers) -> Headers:
@@ -49,6 +46,8 @@ def via_entry(version: int, pseudonym: str) -> bytes:
 def has_loop(headers: Headers, pseudonym: str) -> bool:
     """True when a Via entry already names this proxy: forwarding would loop."""
     me = pseudonym.encode().lower()
+    if not any(n.lower() == b"via" for n, _ in headers):
+        return False
     for member in field_values(headers, b"via"):
         parts = member.split()
         if len(parts) >= 2 and parts[1].lower() == me:
@@ -59,7 +58,7 @@ def has_loop(headers: Headers, pseudonym: str) -> bool:
 def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: bytes) -> bytes:
     """Serialise the request as sent to the origin (always HTTP/1.1, origin-form)."""
     headers: Headers = [(b"Host", host)]
-    headers += _filtered(req.headers, req.connection_tokens)
+    headers += _filtered(req)
     if req.version < 11:
         # RFC 9110 §10.1.1: 100-continue from an HTTP/1.0 client must be ignored.
         headers = [(n, v) for n, v in headers if n.lower() != b"expect"]
@@ -77,7 +76,7 @@ def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: byt
 def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bool,
                          client_version: int, via: bytes) -> bytes:
     """Serialise the response as sent to the client, re-framed for it."""
-    headers = _filtered(resp.headers, resp.connection_tokens)
+    headers = _filtered(resp)
     if out_framing is Framing.LENGTH or (out_framing is Framing.NONE and
                                          resp.get(b"content-length") is not None):
         cl = resp.get(b"content-length")
@@ -96,7 +95,7 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
 
 def informational_head(resp: ResponseHead, via: bytes) -> bytes:
     """A 1xx response forwarded to an HTTP/1.1 client (100, 103)."""
-    headers = _filtered(resp.headers, resp.connection_tokens)
+    headers = _filtered(resp)
     headers.append((b"Via", via))
     return serialize_head(b"HTTP/1.1 %d " % resp.status + resp.reason, headers)
 

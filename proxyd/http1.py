@@ -30,6 +30,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9112 §3.2: request-target holds no whitespace or CTL.
 _BAD_TARGET_CHAR = re.compile(rb"[\x00-\x20\x7f-\xff]")
+_FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
 _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
@@ -80,10 +81,11 @@ class RequestHead:
     content_length: int = 0
     keep_alive: bool = True
     connection_tokens: frozenset[bytes] = frozenset()
+    lnames: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     def get(self, lname: bytes) -> bytes | None:
         """First value of the field named ``lname`` (lower case), or None."""
-        return get_field(self.headers, lname)
+        return _get(self, lname)
 
     @property
     def has_body(self) -> bool:
@@ -103,10 +105,11 @@ class ResponseHead:
     content_length: int = 0
     keep_alive: bool = True
     connection_tokens: frozenset[bytes] = frozenset()
+    lnames: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     def get(self, lname: bytes) -> bytes | None:
         """First value of the field named ``lname`` (lower case), or None."""
-        return get_field(self.headers, lname)
+        return _get(self, lname)
 
 
 @dataclass(slots=True)
@@ -135,6 +138,15 @@ Event = RequestHead | ResponseHead | bytes | EndOfMessage | _Sentinel
 
 class IncompleteMessage(ParseError):
     """The peer closed the connection in the middle of a message."""
+
+
+def _get(head: RequestHead | ResponseHead, lname: bytes) -> bytes | None:
+    if len(head.lnames) != len(head.headers):
+        return get_field(head.headers, lname)
+    try:
+        return head.headers[head.lnames.index(lname)][1]
+    except ValueError:
+        return None
 
 
 def get_field(headers: Headers, lname: bytes) -> bytes | None:
@@ -251,13 +263,16 @@ class _Parser:
         recipient reject it; accepting it where a peer would not enables smuggling).
         """
         buf = self._buf
-        start = max(0, self._scan_from - 3)
-        end = buf.find(b"\r\n\r\n", start)
-        lf = buf.find(b"\n", max(0, self._scan_from - 1))
-        while lf != -1 and (end == -1 or lf < end + 4):
-            if lf == 0 or buf[lf - 1] != 13:
-                raise ParseError("bare LF in message head")
-            lf = buf.find(b"\n", lf + 1)
+        scan = self._scan_from
+        end = buf.find(b"\r\n\r\n", max(0, scan - 3))
+        # Every LF seen since the last scan must end a CRLF pair; counting both in C is
+        # cheaper than a Python loop, and only new bytes are scanned (no quadratic cost
+        # for a head that arrives byte by byte).
+        if scan and buf[scan - 1] == 13:
+            scan -= 1
+        stop = end + 4 if end != -1 else len(buf)
+        if buf.count(b"\n", scan, stop) != buf.count(b"\r\n", scan, stop):
+            raise ParseError("bare LF in message head")
         if end == -1:
             self._scan_from = len(buf)
             self._check_partial_head()
@@ -273,22 +288,24 @@ class _Parser:
         if len(self._buf) > self.limits.head_size:
             raise ParseError("message head too large", status=431)
 
-    def _parse_fields(self, lines: list[bytes], limit_count: int) -> Headers:
+    def _parse_fields(self, lines: list[bytes], limit_count: int,
+                      lnames: list[bytes] | None = None) -> Headers:
+        """Validate field lines; lower-cased names are collected in ``lnames`` if given."""
         if len(lines) > limit_count:
             raise ParseError("too many header fields", status=431)
         headers: Headers = []
+        match = _FIELD_LINE.fullmatch
         for line in lines:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise ParseError("header line without a colon")
-            # Rejects obs-fold (line starting with SP/HTAB) and whitespace before the colon
-            # (RFC 9112 §5.1, §5.2): both have been used to smuggle fields past proxies.
-            if _TOKEN.fullmatch(name) is None:
-                raise ParseError("invalid header field name")
-            value = value.strip(b" \t")
-            if _BAD_VALUE_CHAR.search(value) is not None:
-                raise ParseError("invalid character in header field value")
-            headers.append((name, value))
+            # One linear match per line: a token name directly followed by ":" (so obs-fold
+            # and whitespace before the colon fail, RFC 9112 §5.1, §5.2 — both smuggling
+            # vectors) and a value free of CTLs, bare CR and LF (RFC 9110 §5.5).
+            m = match(line)
+            if m is None:
+                raise ParseError(_field_error(line))
+            name, value = m.groups()
+            headers.append((name, value.strip(b" \t")))
+            if lnames is not None:
+                lnames.append(name.lower())
         return headers
 
     # -- bodies -----------------------------------------------------------------------------
@@ -396,6 +413,15 @@ class _Parser:
             self._remaining = 0
 
 
+def _field_error(line: bytes) -> str:
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return "header line without a colon"
+    if _TOKEN.fullmatch(name) is None:
+        return "invalid header field name"
+    return "invalid character in header field value"
+
+
 def _parse_chunk_size(line: bytes) -> int:
     m = _CHUNK_LINE.fullmatch(line)
     if m is None:
@@ -423,13 +449,19 @@ def parse_content_length(values: list[bytes]) -> int | None:
     return int(first)
 
 
-def _split_list(headers: Headers) -> tuple[list[bytes], list[bytes], list[bytes]]:
+def lower_names(head: RequestHead | ResponseHead) -> list[bytes]:
+    """Lower-cased field names of ``head`` (computed once by the parser)."""
+    if len(head.lnames) != len(head.headers):
+        head.lnames = [n.lower() for n, _ in head.headers]
+    return head.lnames
+
+
+def _split_list(head: RequestHead | ResponseHead) -> tuple[list[bytes], list[bytes], list[bytes]]:
     """Collect Content-Length, Transfer-Encoding and Connection values in one pass."""
     cl: list[bytes] = []
     te: list[bytes] = []
     conn: list[bytes] = []
-    for name, value in headers:
-        lname = name.lower()
+    for lname, (_, value) in zip(lower_names(head), head.headers):
         if lname == b"content-length":
             cl.extend(v.strip(b" \t") for v in value.split(b","))
         elif lname == b"transfer-encoding":
@@ -503,8 +535,9 @@ class RequestParser(_Parser):
     def _parse_head(self, head: bytes) -> RequestHead:
         lines = head.split(b"\r\n")
         method, target, version = _parse_request_line(lines[0], self.limits.request_line)
-        headers = self._parse_fields(lines[1:], self.limits.header_count)
-        req = RequestHead(method, target, version, headers)
+        lnames: list[bytes] = []
+        headers = self._parse_fields(lines[1:], self.limits.header_count, lnames)
+        req = RequestHead(method, target, version, headers, lnames=lnames)
         _request_framing(req)
         self._leading_crlf = 0
         return req
@@ -531,10 +564,10 @@ def _parse_request_line(line: bytes, limit: int) -> tuple[bytes, bytes, int]:
 
 def _request_framing(req: RequestHead) -> None:
     """Decide the request body length (RFC 9112 §6.3) or refuse ambiguous framing."""
-    cl_values, te, conn = _split_list(req.headers)
+    cl_values, te, conn = _split_list(req)
     req.connection_tokens = frozenset(conn)
     req.keep_alive = _keep_alive(req.version, req.connection_tokens)
-    if te or any(n.lower() == b"transfer-encoding" for n, _ in req.headers):
+    if te or b"transfer-encoding" in req.lnames:
         if req.version < 11:
             # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
             raise ParseError("Transfer-Encoding in an HTTP/1.0 request")
@@ -622,19 +655,20 @@ class ResponseParser(_Parser):
             raise ParseError("malformed status line")
         if m.group(1) != b"1":
             raise ParseError("unsupported HTTP version in response")
-        headers = self._parse_fields(lines[1:], self.limits.header_count)
+        lnames: list[bytes] = []
+        headers = self._parse_fields(lines[1:], self.limits.header_count, lnames)
         version = 10 if m.group(2) == b"0" else 11
         status = int(m.group(3))
         if not 100 <= status <= 599:
             raise ParseError("status code out of range")  # RFC 9110 §15
-        resp = ResponseHead(status, m.group(4) or b"", version, headers)
+        resp = ResponseHead(status, m.group(4) or b"", version, headers, lnames=lnames)
         _response_framing(resp, self._method)
         return resp
 
 
 def _response_framing(resp: ResponseHead, method: bytes) -> None:
     """Decide the response body length (RFC 9112 §6.3)."""
-    cl_values, te, conn = _split_list(resp.headers)
+    cl_values, te, conn = _split_list(resp)
     resp.connection_tokens = frozenset(conn)
     resp.keep_alive = _keep_alive(resp.version, resp.connection_tokens)
     status = resp.status
