@@ -12,14 +12,18 @@ keeps the log's cost on throughput small. Format (one line, keys always in this 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
 _FLUSH_AT = 65536
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def _quote(value: str) -> str:
-    if value and not any(c in value for c in ' "=\\'):
+    if value and _NEEDS_QUOTES.search(value) is None:
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

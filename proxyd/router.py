@@ -10,12 +10,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import Config, OriginConfig
 from .errors import ParseError, ProxyError
 
 # RFC 3986 §3.2.2 reg-name (unreserved / pct-encoded / sub-delims), kept to DNS-ish names.
 _REG_NAME = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=]+")
+# absolute-form: scheme "://" authority path-abempty [ "?" query ] (RFC 3986 §3)
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.S)
+_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +35,8 @@ class OriginKey:
         return f"{host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where one request goes."""
+class Route(NamedTuple):
+    """Where one request goes (a tuple: made once per request, so it must be cheap)."""
 
     origin: OriginKey
     target: bytes         # origin-form (or "*") to send upstream
@@ -79,6 +82,9 @@ class Router:
             (o.host.lower(), o.port): o for o in cfg.origin
         }
         self._default: tuple[str, int | None] | None = None
+        # authority -> (origin, settings): a client talks to few origins, so the parsing and
+        # lookups of an authority are done once (bounded; cleared when full).
+        self._cache: dict[bytes, tuple[OriginKey, OriginConfig | None]] = {}
         if cfg.default_origin:
             self._default = split_authority(cfg.default_origin)
 
@@ -90,20 +96,31 @@ class Router:
         """Route a non-CONNECT request; raises :class:`ProxyError` with a clear reason."""
         if target[:1] == b"/" or target == b"*":
             return self._route_origin_form(method, target)
-        scheme, sep, rest = target.partition(b"://")
-        scheme = scheme.lower()
-        if not sep or scheme not in (b"http", b"https"):
+        m = _ABSOLUTE.match(target)
+        if m is None or m.group(1).lower() not in (b"http", b"https"):
             raise ParseError("request target must be an absolute http:// URI")
-        authority, path = _split_path(rest)
+        _, authority, path = m.groups()
         if b"#" in path:
             raise ParseError("fragment in request target")
+        if not path:
+            path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 §3.2.4
+        elif path[:1] == b"?":
+            path = b"/" + path
+        cached = self._cache.get(authority)
+        if cached is None:
+            cached = self._resolve(authority)
+        return Route(cached[0], path, authority, cached[1])
+
+    def _resolve(self, authority: bytes) -> tuple[OriginKey, OriginConfig | None]:
         try:
             host, port = split_authority(authority.decode("ascii"))
         except UnicodeDecodeError:
             raise ParseError("non-ASCII host in request target") from None
-        if not path:
-            path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 §3.2.4
-        return self._make_route(host, port, path, authority)
+        route = self._make_route(host, port, b"", authority)
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        entry = self._cache[authority] = (route.origin, route.settings)
+        return entry
 
     def _route_origin_form(self, method: bytes, target: bytes) -> Route:
         if self._default is None:
@@ -140,12 +157,3 @@ class Router:
                              status=403, error_type="destination_ip_prohibited")
         return host, port
 
-
-def _split_path(rest: bytes) -> tuple[bytes, bytes]:
-    for i, c in enumerate(rest):
-        if c in b"/?#":
-            path = rest[i:]
-            if c == ord("?"):
-                path = b"/" + path
-            return rest[:i], path
-    return rest, b""
