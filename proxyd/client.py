@@ -59,6 +59,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = time.monotonic() + worker.timeouts.client_head
         self.head_started = False  # bytes of the next head have arrived
         self.exchanges = 0  # requests begun on this connection
+        self.opened = time.monotonic()
         self.peer = ""
         self.paused = 0
         self.writing_paused = False

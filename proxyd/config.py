@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import ssl
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
@@ -247,8 +248,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: log_level: must be one of {', '.join(_LOG_LEVELS)}")
     if cfg.tls.min_version not in ("1.2", "1.3"):
         raise ConfigError(f"{src}: tls.min_version: must be \"1.2\" or \"1.3\"")
-    if cfg.tls.ca_file and not os.path.isfile(cfg.tls.ca_file):
-        raise ConfigError(f"{src}: tls.ca_file: no such file {cfg.tls.ca_file!r}")
+    if cfg.tls.ca_file:
+        _check_ca_file(cfg.tls.ca_file, src)
     for p in cfg.connect_ports:
         if not 1 <= p <= 65535:
             raise ConfigError(f"{src}: connect_ports: invalid port {p}")
@@ -265,6 +266,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: origin[{i}]: duplicate origin {o.host}:{o.port}")
         seen.add(key)
     _validate_listen_address(cfg)
+
+
+def _check_ca_file(path: str, src: str) -> None:
+    """The CA bundle must exist and hold certificates (else every handshake would fail)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{src}: tls.ca_file: no such file {path!r}")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{src}: tls.ca_file: cannot load {path!r}: {exc}") from None
 
 
 def _validate_positive(section: Any, name: str, src: str) -> None:

@@ -293,8 +293,10 @@ class Master:
             self.notify.watchdog()
 
     def _all_heartbeating(self, now: float) -> bool:
-        cur = self.current()
-        return bool(cur) and all(w.ready and now - w.last_seen < _HEARTBEAT_STALE for w in cur)
+        # The serving workers: ready and not draining (during a reload the old generation
+        # serves until the new one is ready). A stuck one stops reporting and so the pings.
+        serving = [w for w in self.workers.values() if w.ready and not w.draining]
+        return bool(serving) and all(now - w.last_seen < _HEARTBEAT_STALE for w in serving)
 
     def totals(self) -> dict[str, object]:
         """Counters summed over live workers and the ones that exited."""
@@ -448,6 +450,18 @@ class Master:
         self.stop_deadline = time.monotonic() + self.cfg.timeouts.shutdown + 1.0
         log.info("stopping", extra={"fields": {"workers": len(self.workers)}})
         self._kill(list(self.workers), signal.SIGTERM)
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        """Refuse new connections at once instead of queueing them until exit.
+
+        shutdown() on a listening socket stops it for every process sharing it; the
+        workers have been told to stop accepting and finish what they hold.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     @staticmethod
     def _kill(pids: list[int], sig: int) -> None:

@@ -28,6 +28,7 @@ log = logging.getLogger("proxyd.worker")
 
 _TICK = 0.25          # seconds between housekeeping passes (deadlines, pool upkeep)
 _STATS_EVERY = 1.0    # seconds between stats reports to the master
+_FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
 
 
 class Worker:
@@ -166,10 +167,10 @@ class Worker:
         while time.monotonic() < deadline:
             for client in list(self.clients):
                 # Close keep-alive connections between requests. A new connection that has
-                # not sent its first request yet is given until client_head to send it:
-                # closing it now would reset a client that just connected.
+                # not sent its first request yet gets a short grace to send it: closing it
+                # at once would reset a client that just connected.
                 if (client.state is ClientState.HEAD and not client.head_started
-                        and client.exchanges):
+                        and (client.exchanges or time.monotonic() - client.opened > _FRESH_GRACE)):
                     client.check_deadline(float("inf"))
             if not self.clients:
                 break

@@ -28,6 +28,9 @@ Endpoints (any method; HEAD on any path sends the GET head without a body):
                       framing, trailers, expect_continue_sent}
 /status/CODE          that status; 204 and 304 carry no body
 /slow-head/SECONDS    waits SECONDS before sending the head, then "slow\\n"
+/slow-body/SECONDS    sends the head at once (Content-Length N, ``?size=N``, default 4000),
+                      then N pattern bytes in ``?steps=S`` (default 20) equal pieces, one
+                      every SECONDS/S, so the body ends SECONDS after the head
 /garbage              answers ``garbage\\r\\n\\r\\n`` and closes
 /hangup               closes the connection (no TLS close_notify) right after the request
 ====================  ======================================================================
@@ -706,6 +709,26 @@ class _ConnHandler:
             pass
         self.srv._stop.wait(delay)  # a deliberate delay, cut short when the origin stops
         r.simple(200, b"slow\n")
+
+    def ep_slow_body(self, r, req, args, qs, body):
+        seconds = float(args[0])
+        size = int(qs.get("size", ["4000"])[0])
+        steps = max(1, int(qs.get("steps", ["20"])[0]))
+        for _ in body:
+            pass
+        r.start(200, [("Content-Type", "application/octet-stream"),
+                      ("Content-Length", str(size))])
+        if r.head_only:
+            return
+        sent = 0
+        for i in range(steps):
+            if self.srv._stop.wait(seconds / steps):  # deliberate trickle; cut short on stop
+                r.closed = True
+                self.close_abruptly()
+                return
+            end = size * (i + 1) // steps
+            r.write(pattern_bytes(end - sent, offset=sent))
+            sent = end
 
     def ep_garbage(self, r, req, args, qs, body):
         self.send(b"garbage\r\n\r\n")
