@@ -476,6 +476,24 @@ def test_connection_refused(proxyd):
     assert_proxy_error(r, body, 502, "connection_refused")
 
 
+def test_tls_handshake_timeout(proxyd):
+    """An origin that accepts TCP but never answers the ClientHello: 504 within the timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the TCP handshake; nobody speaks TLS
+    port = silent.getsockname()[1]
+    try:
+        p = proxyd(config={"timeouts": {"tls_handshake": 1.0}, "pool": {"learned_warm": 0}})
+        t0 = time.monotonic()
+        r, body = get(p.port, f"http://127.0.0.1:{port}/x")
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert_proxy_error(r, body, 504, "connection_timeout")
+    assert b"handshake" in body, body
+    assert took < 3.0, took
+
+
 def test_untrusted_certificate(proxyd, origin_factory):
     o = origin_factory(ca=make_ca())  # signed by a CA proxyd was not told about
     p = proxyd()

@@ -1,0 +1,59 @@
+"""Configuration: embedded defaults, the annotated example, flags over file over defaults."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from proxyd import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_file_is_valid_and_equals_the_defaults():
+    """proxyd.example.toml documents every key with its default value."""
+    path = ROOT / "proxyd.example.toml"
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    assert config.from_mapping(data, str(path)) == config.Config(source=str(path))
+    text = path.read_text()
+    for section in ("timeouts", "limits", "tls", "pool"):
+        for f in getattr(config, {"timeouts": "Timeouts", "limits": "Limits",
+                                  "tls": "TlsConfig", "pool": "PoolConfig"}[section]).__dataclass_fields__:
+            assert f"\n{f} = " in text, f"{section}.{f} missing from the example"
+
+
+def test_flags_override_file_which_overrides_defaults(tmp_path):
+    cfg_file = tmp_path / "p.toml"
+    cfg_file.write_text('workers = 3\nlisten = "127.0.0.1:4000"\n[pool]\nwarm = 2\n'
+                        '[[origin]]\nhost = "a.test"\nport = 8443\n')
+    cfg = config.load(str(cfg_file))
+    assert (cfg.workers, cfg.listen, cfg.origin[0].warm) == (3, "127.0.0.1:4000", 2)
+    cfg = config.apply_flags(cfg, workers=1, origins=["b.test"], warm=5)
+    assert cfg.workers == 1 and cfg.listen == "127.0.0.1:4000"
+    assert [(o.host, o.port, o.warm) for o in cfg.origin] == [("a.test", 8443, 2), ("b.test", 443, 5)]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[timeouts]\nconnect = -1\n", "timeouts.connect"),
+    ("[[origin]]\nport = 443\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"a\"\nwarm = 200\nmax_connections = 10\n", "origin[0].warm"),
+    ("listen = \"0.0.0.0:3128\"\n", "listen"),
+    ("connect_ports = [443, \"x\"]\n", "connect_ports"),
+    ("[tls]\nmin_version = \"1.1\"\n", "tls.min_version"),
+    ("workers = true\n", "workers"),
+    ("timeouts = 5\n", "timeouts"),
+])
+def test_errors_name_the_key_and_the_file(tmp_path, text, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(path))
+    assert key in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_non_loopback_listen_is_refused_with_a_reason():
+    with pytest.raises(config.ConfigError, match="open proxy"):
+        config.apply_flags(config.Config(), listen="0.0.0.0:3128")
