@@ -30,6 +30,13 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9112 §3.2: request-target holds no whitespace or CTL.
 _BAD_TARGET_CHAR = re.compile(rb"[\x00-\x20\x7f-\xff]")
+# A whole field section in one linear pass (RFC 9112 §5): token, ":", OWS, a value that
+# starts with a visible char and holds no CTL but HTAB, CRLF. Each part has exactly one way to
+# match, so a failing line costs no backtracking.
+_FIELD_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_VALUE = rb"(?:[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*)?"
+_FIELD_BLOCK = re.compile(rb"(?:" + _FIELD_NAME + rb":[ \t]*" + _FIELD_VALUE + rb"\r\n)*")
+_FIELD_ITEM = re.compile(rb"(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb")\r\n")
 _FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
@@ -288,6 +295,22 @@ class _Parser:
         if len(self._buf) > self.limits.head_size:
             raise ParseError("message head too large", status=431)
 
+    def _parse_block(self, block: bytes, lnames: list[bytes]) -> Headers:
+        """Parse a field section (each line ending in CRLF) with two C-level regex passes."""
+        if not block:
+            return []
+        if block.count(b"\n") > self.limits.header_count:
+            raise ParseError("too many header fields", status=431)
+        if _FIELD_BLOCK.fullmatch(block) is None:
+            # Slow path, only for invalid input: find the offending line and say why.
+            return self._parse_fields(block[:-2].split(b"\r\n"), self.limits.header_count,
+                                      lnames)
+        headers: Headers = _FIELD_ITEM.findall(block)
+        if b" \r\n" in block or b"\t\r\n" in block:  # trailing OWS is not part of a value
+            headers = [(n, v.rstrip(b" \t")) for n, v in headers]
+        lnames.extend([n.lower() for n, _ in headers])
+        return headers
+
     def _parse_fields(self, lines: list[bytes], limit_count: int,
                       lnames: list[bytes] | None = None) -> Headers:
         """Validate field lines; lower-cased names are collected in ``lnames`` if given."""
@@ -533,10 +556,10 @@ class RequestParser(_Parser):
             raise ParseError("request line too long", status=414)
 
     def _parse_head(self, head: bytes) -> RequestHead:
-        lines = head.split(b"\r\n")
-        method, target, version = _parse_request_line(lines[0], self.limits.request_line)
+        first, sep, block = head.partition(b"\r\n")
+        method, target, version = _parse_request_line(first, self.limits.request_line)
         lnames: list[bytes] = []
-        headers = self._parse_fields(lines[1:], self.limits.header_count, lnames)
+        headers = self._parse_block(block + b"\r\n" if sep else b"", lnames)
         req = RequestHead(method, target, version, headers, lnames=lnames)
         _request_framing(req)
         self._leading_crlf = 0
@@ -649,14 +672,14 @@ class ResponseParser(_Parser):
         return resp
 
     def _parse_head(self, head: bytes) -> ResponseHead:
-        lines = head.split(b"\r\n")
-        m = _STATUS_LINE.fullmatch(lines[0])
+        first, sep, block = head.partition(b"\r\n")
+        m = _STATUS_LINE.fullmatch(first)
         if m is None:
             raise ParseError("malformed status line")
         if m.group(1) != b"1":
             raise ParseError("unsupported HTTP version in response")
         lnames: list[bytes] = []
-        headers = self._parse_fields(lines[1:], self.limits.header_count, lnames)
+        headers = self._parse_block(block + b"\r\n" if sep else b"", lnames)
         version = 10 if m.group(2) == b"0" else 11
         status = int(m.group(3))
         if not 100 <= status <= 599:
