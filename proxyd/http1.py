@@ -89,6 +89,7 @@ class RequestHead:
     keep_alive: bool = True
     connection_tokens: frozenset[bytes] = frozenset()
     lnames: list[bytes] = field(default_factory=list, compare=False, repr=False)
+    raw_block: bytes = field(default=b"", compare=False, repr=False)  # fields as received
 
     def get(self, lname: bytes) -> bytes | None:
         """First value of the field named ``lname`` (lower case), or None."""
@@ -113,6 +114,7 @@ class ResponseHead:
     keep_alive: bool = True
     connection_tokens: frozenset[bytes] = frozenset()
     lnames: list[bytes] = field(default_factory=list, compare=False, repr=False)
+    raw_block: bytes = field(default=b"", compare=False, repr=False)  # fields as received
 
     def get(self, lname: bytes) -> bytes | None:
         """First value of the field named ``lname`` (lower case), or None."""
@@ -559,8 +561,9 @@ class RequestParser(_Parser):
         first, sep, block = head.partition(b"\r\n")
         method, target, version = _parse_request_line(first, self.limits.request_line)
         lnames: list[bytes] = []
-        headers = self._parse_block(block + b"\r\n" if sep else b"", lnames)
-        req = RequestHead(method, target, version, headers, lnames=lnames)
+        raw = block + b"\r\n" if sep else b""
+        headers = self._parse_block(raw, lnames)
+        req = RequestHead(method, target, version, headers, lnames=lnames, raw_block=raw)
         _request_framing(req)
         self._leading_crlf = 0
         return req
@@ -679,12 +682,14 @@ class ResponseParser(_Parser):
         if m.group(1) != b"1":
             raise ParseError("unsupported HTTP version in response")
         lnames: list[bytes] = []
-        headers = self._parse_block(block + b"\r\n" if sep else b"", lnames)
+        raw = block + b"\r\n" if sep else b""
+        headers = self._parse_block(raw, lnames)
         version = 10 if m.group(2) == b"0" else 11
         status = int(m.group(3))
         if not 100 <= status <= 599:
             raise ParseError("status code out of range")  # RFC 9110 §15
-        resp = ResponseHead(status, m.group(4) or b"", version, headers, lnames=lnames)
+        resp = ResponseHead(status, m.group(4) or b"", version, headers, lnames=lnames,
+                            raw_block=raw)
         _response_framing(resp, self._method)
         return resp
 
