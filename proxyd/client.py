@@ -140,6 +140,7 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         self.state = ClientState.CLOSED
         self.worker.clients.discard(self)
+        self.worker.client_closed()
         if state is ClientState.WAITING and self.pool is not None:
             self.pool.cancel(self)
         if self.tunnel is not None:

@@ -7,6 +7,7 @@ to the master through a pipe (``ready``, later periodic stats).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger("proxyd.worker")
 
 _TICK = 0.25          # seconds between housekeeping passes (deadlines, pool upkeep)
 _STATS_EVERY = 1.0    # seconds between stats reports to the master
+_ACCEPT_BATCH = 4    # connections accepted per wake-up, so that workers share a burst
 _FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
 
 
@@ -55,6 +57,8 @@ class Worker:
         ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
         self.connector = Connector(ctx, cfg.timeouts.connect, cfg.timeouts.tls_handshake)
         self._stop = asyncio.Event()
+        self.accepting = False
+        self._attaching = 0  # accepted sockets whose transport is being set up
         self._parent = os.getppid()
 
     def via(self, version: int) -> bytes:
@@ -99,14 +103,67 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(0))
-        server = await loop.create_server(lambda: ClientConnection(self), sock=self.sock,
-                                          backlog=1024)
+        self.sock.setblocking(False)
+        self._start_accepting()
         self._start_configured_pools()
         housekeeping = asyncio.ensure_future(self._housekeeping())
         await self._report_ready()
         await self._stop.wait()
-        await self._drain(server)
+        await self._drain()
         housekeeping.cancel()
+
+    # -- accepting ----------------------------------------------------------------------------
+    # Our own accept loop rather than loop.create_server(): asyncio accepts up to `backlog`
+    # connections per wake-up, so one worker swallowed whole bursts while the warm pools of
+    # the others sat unused; it also gives the per-worker connection limit a place to act
+    # (further clients wait in the kernel's accept queue).
+    def _start_accepting(self) -> None:
+        if not self.accepting and not self.draining:
+            self.accepting = True
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept)
+
+    def _stop_accepting(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            if len(self.clients) + self._attaching >= self.limits.client_connections:
+                self._stop_accepting()  # resumed by client_closed()
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            conn.setblocking(False)
+            self._attaching += 1
+            asyncio.ensure_future(self._attach(conn))
+
+    async def _attach(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: ClientConnection(self), conn)
+        except OSError:
+            conn.close()
+        finally:
+            self._attaching -= 1
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self._stop_accepting()
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            log.warning("cannot accept: %s; pausing accepts for 0.5 s", exc.strerror)
+            asyncio.get_running_loop().call_later(0.5, self._start_accepting)
+        # Otherwise (EINVAL) the master shut the listener down: it is stopping.
+
+    def client_closed(self) -> None:
+        """A client connection ended: accept again if the limit had stopped us."""
+        if not self.accepting and not self.draining and (
+                len(self.clients) < self.limits.client_connections):
+            self._start_accepting()
 
     async def _report_ready(self) -> None:
         deadline = time.monotonic() + self.timeouts.connect + self.timeouts.tls_handshake + 1
@@ -155,14 +212,10 @@ class Worker:
                       "gauges": {"client_connections": len(self.clients), "pools": pools},
                       "recent_errors": recent})
 
-    async def _drain(self, server: asyncio.AbstractServer) -> None:
+    async def _drain(self) -> None:
         """Stop accepting, let in-flight exchanges finish, close the rest."""
+        self._stop_accepting()  # the listening socket stays open in the master
         self.draining = True
-        # Stop accepting without Server.close(): on 3.11 a connection accepted just before
-        # close() reaches Server._attach() afterwards, fails an assertion and is reset.
-        # The listening socket stays open in the master (and the next generation).
-        asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        await asyncio.sleep(0.05)  # accepted connections get their protocol a turn later
         deadline = time.monotonic() + self.timeouts.shutdown
         while time.monotonic() < deadline:
             for client in list(self.clients):
@@ -172,13 +225,12 @@ class Worker:
                 if (client.state is ClientState.HEAD and not client.head_started
                         and (client.exchanges or time.monotonic() - client.opened > _FRESH_GRACE)):
                     client.check_deadline(float("inf"))
-            if not self.clients:
+            if not self.clients and not self._attaching:
                 break
             await asyncio.sleep(0.05)
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()
-        server.close()
         for pool in self.pools.values():
             pool.close()
         self.access_log.flush()

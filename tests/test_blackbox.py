@@ -845,3 +845,29 @@ def test_sigterm_is_prompt_after_traffic(proxyd, tls_origin, echo_server, state)
     for pid in workers:
         assert wait_pid_gone(pid, 5)
     print(f"SIGTERM -> exit in {elapsed:.2f}s")
+
+
+def test_client_connection_limit_queues_in_the_backlog(proxyd, tls_origin):
+    """limits.client_connections per worker: further clients wait, they are not refused."""
+    p = proxyd(workers=1, config={"limits": {"client_connections": 2}})
+    held = [socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT) for _ in range(2)]
+    try:
+        for s in held:  # make sure both are accepted and served
+            s.sendall(f"GET {tls_origin.url('/bytes/1')} HTTP/1.1\r\nHost: {tls_origin.authority}\r\n\r\n".encode())
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        third = socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT)
+        third.sendall(f"GET {tls_origin.url('/bytes/3')} HTTP/1.1\r\nHost: {tls_origin.authority}\r\n"
+                      "Connection: close\r\n\r\n".encode())
+        third.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            third.recv(100)  # queued: the worker is at its limit
+        held.pop().close()
+        third.settimeout(IO_TIMEOUT)
+        data = b""
+        while chunk := third.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(pattern_bytes(3))
+        third.close()
+    finally:
+        for s in held:
+            s.close()
