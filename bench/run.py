@@ -1497,7 +1497,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="wrk warm-up seconds per proxy (default 2; --quick 1)")
     p.add_argument("--idle", type=float, default=15.0,
                    help="wan: seconds the pools sit idle before the second burst (default 15)")
-    p.add_argument("--warm", type=int, default=8, help="proxyd --warm N (default 8)")
+    p.add_argument("--warm", type=int, default=16, help="proxyd --warm N per worker (default 16: the 32-request burst over 2 workers)")
     p.add_argument("--wan-delay-ms", type=float, default=10.0, help="one-way delay (default 10)")
     p.add_argument("--wan-requests", type=int, default=None,
                    help="wan: sequential requests per client kind (default 40; --quick 15)")

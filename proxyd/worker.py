@@ -29,7 +29,7 @@ log = logging.getLogger("proxyd.worker")
 
 _TICK = 0.25          # seconds between housekeeping passes (deadlines, pool upkeep)
 _STATS_EVERY = 1.0    # seconds between stats reports to the master
-_ACCEPT_BATCH = 4    # connections accepted per wake-up, so that workers share a burst
+_ACCEPT_BATCH = 1    # connections accepted per wake-up, so that workers share a burst
 _FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
 
 
