@@ -19,7 +19,7 @@ from .headers import (client_response_head, error_response, filter_trailers, has
                       informational_head, upstream_request_head)
 from .http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, Framing, IncompleteMessage,
                     ParseError, RequestHead, RequestParser, ResponseHead, chunk_frame,
-                    last_chunk, lower_names)
+                    field_values, last_chunk, lower_names)
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
 from .metrics import NO_ORIGIN
@@ -79,6 +79,9 @@ class ClientConnection(asyncio.Protocol):
         self.req_done = False
         self.resp_started = False
         self.keep_alive = True
+        self.pending: list[bytes | EndOfMessage] = []  # validated body events not yet sent
+        self.pending_size = 0
+        self.body_read = False  # the request's EndOfMessage was parsed
         self.retained: list[bytes] | None = None
         self.retained_size = 0
         self.retried = False
@@ -120,6 +123,8 @@ class ClientConnection(asyncio.Protocol):
             self._process()
         elif state is ClientState.ACTIVE and not self.req_done:
             self._pump_request()
+        elif state is ClientState.WAITING:
+            self._read_body()
         elif self.parser.buffered > self.worker.limits.body_buffer:
             self._pause(_PAUSE_BUFFER_FULL)
 
@@ -132,6 +137,8 @@ class ClientConnection(asyncio.Protocol):
             return False
         if self.state is ClientState.ACTIVE and not self.req_done:
             self._pump_request()
+        elif self.state is ClientState.WAITING:
+            self._read_body()
         # Half-closed after a complete request: answer it, then close (RFC 9112 §9.6).
         self.keep_alive = False
         return self.state is not ClientState.CLOSED
@@ -234,6 +241,10 @@ class ClientConnection(asyncio.Protocol):
         self.route = route
         self.pool = worker.pool_for(route)
         self.state = ClientState.WAITING
+        # Parse what is buffered of the body first: a malformed body that already arrived
+        # is refused before any byte of the request goes upstream.
+        if not self._read_body():
+            return
         self.deadline = float("inf")  # the pool enforces pool_wait
         self.pool.acquire(self)
 
@@ -247,10 +258,13 @@ class ClientConnection(asyncio.Protocol):
         if b"via" in lnames and has_loop(req.headers, self.worker.cfg.via):
             raise errors.ProxyError("request loop detected: Via already names this proxy",
                                     status=508, error_type="proxy_loop_detected")
-        expect = req.get(b"expect")
-        if expect is not None and expect.lower() != b"100-continue":
-            raise errors.ProxyError("unsupported expectation", status=417,
-                                    error_type="http_request_error")
+        if b"expect" in lnames:
+            # One field or several lines mean the same list (RFC 9110 §5.3); an empty one
+            # names no known expectation either.
+            expect = field_values(req.headers, b"expect")
+            if not expect or any(e.lower() != b"100-continue" for e in expect):
+                raise errors.ProxyError("unsupported expectation", status=417,
+                                        error_type="http_request_error")
 
     def _fail_early(self, exc: errors.ProxyError) -> None:
         """An error before anything went upstream; the request body (if any) is unread."""
@@ -289,20 +303,18 @@ class ClientConnection(asyncio.Protocol):
         conn.start(self, req.method, reused)
         if self.writing_paused:
             conn.pause_reading()
+        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
         if self.retained is not None and self.retried:
             conn.writelines(self.retained)
+            self._request_sent()
         else:
             head = upstream_request_head(req, self.route.target, self.route.host_header,
                                          self.worker.via(req.version))
             if req.method in IDEMPOTENT:
-                self.retained = [head]
-                self.retained_size = len(head)
-            conn.write(head)
-        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+                self.retained = []
+            self._send_pending([head])
         if conn.writing_paused:
             self._pause(_PAUSE_UPSTREAM_FULL)
-        if not self.req_done:
-            self._pump_request()
         self._resume(_PAUSE_BUFFER_FULL)
 
     def on_pool_error(self, exc: errors.ProxyError) -> None:
@@ -312,33 +324,57 @@ class ClientConnection(asyncio.Protocol):
 
     # -- request body -------------------------------------------------------------------------
     def _pump_request(self) -> None:
-        upstream = self.upstream
-        req = self.req
-        assert upstream is not None and req is not None
-        chunked = req.framing is Framing.CHUNKED
+        """Body bytes arrived while the exchange is active: validate, then forward."""
+        if self._read_body():
+            self._send_pending([])
+            if not self.req_done:
+                self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+
+    def _read_body(self) -> bool:
+        """Move buffered body events from the parser to ``pending``; False after an error.
+
+        Only parsed (validated) bytes are ever forwarded, so bad framing that has arrived
+        before the upstream connection is ready never reaches the origin. While waiting,
+        ``pending`` is bounded by pausing the client at ``limits.body_buffer``.
+        """
         parser = self.parser
-        while not self.req_done:
+        while not self.body_read:
             try:
                 event = parser.next_event()
             except ParseError as exc:
                 self._request_body_failed(exc)
-                return
+                return False
             if event is NEED_DATA or event is PAUSED:
                 break
+            self.pending.append(event)  # type: ignore[arg-type]
             if type(event) is bytes:
                 self.bytes_in += len(event)
-                parts = chunk_frame(event) if chunked else [event]
-                upstream.writelines(parts)
-                self._retain(parts)
-            elif type(event) is EndOfMessage:
-                if chunked:
-                    end = last_chunk(filter_trailers(event.trailers))
-                    upstream.write(end)
-                    self._retain([end])
-                self.req_done = True
-                self._request_sent()
-                return
-        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+                self.pending_size += len(event)
+            else:
+                self.body_read = True
+        if self.upstream is None and self.pending_size > self.worker.limits.body_buffer:
+            self._pause(_PAUSE_BUFFER_FULL)
+        return True
+
+    def _send_pending(self, parts: list[bytes]) -> None:
+        """Write ``parts`` and the pending body events upstream, framed, in one call."""
+        upstream = self.upstream
+        assert upstream is not None and self.req is not None
+        chunked = self.req.framing is Framing.CHUNKED
+        for event in self.pending:
+            if type(event) is bytes:
+                parts.extend(chunk_frame(event) if chunked else (event,))
+            elif chunked:
+                parts.append(last_chunk(filter_trailers(event.trailers)))  # type: ignore[union-attr]
+        done = self.body_read
+        self.pending = []
+        self.pending_size = 0
+        if parts:
+            upstream.writelines(parts)
+            self._retain(parts)
+        if done and not self.req_done:
+            self.req_done = True
+            self._request_sent()
 
     def _request_sent(self) -> None:
         if self.resp is None:
@@ -361,6 +397,8 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         if upstream is not None:
             upstream.close("client_aborted")
+        elif self.state is ClientState.WAITING and self.pool is not None:
+            self.pool.cancel(self)
         if isinstance(exc, IncompleteMessage) or self.resp_started:
             self._close()
             return

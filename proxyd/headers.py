@@ -37,6 +37,12 @@ _CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
 _CONNECTION_LINES = re.compile(rb"(?im)^(?:connection|keep-alive):[^\r\n]*\r\n")
 
 
+def _plain_ows(block: bytes) -> bool:
+    """No tab, no double space, no trailing space: framing fields are re-emitted canonically
+    otherwise, in case the next hop reads unusual whitespace differently."""
+    return b"\t" not in block and b"  " not in block and b" \r\n" not in block
+
+
 def _filtered(head: RequestHead | ResponseHead) -> Headers:
     """Fields minus hop-by-hop ones and those named by Connection."""
     named = head.connection_tokens
@@ -69,7 +75,8 @@ def has_loop(headers: Headers, pseudonym: str) -> bool:
 def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: bytes) -> bytes:
     """Serialise the request as sent to the origin (always HTTP/1.1, origin-form)."""
     lnames = lower_names(req)
-    if (req.raw_block and _REQUEST_SLOW.isdisjoint(lnames) and lnames.count(b"host") == 1
+    if (req.raw_block and _plain_ows(req.raw_block) and _REQUEST_SLOW.isdisjoint(lnames)
+            and lnames.count(b"host") == 1
             and req.get(b"host") == host and lnames.count(b"content-length") <= 1
             and (req.framing is Framing.NONE
                  or req.get(b"content-length") == b"%d" % req.content_length)):
@@ -99,8 +106,10 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
     if fast is not None:
         return fast
     headers = _filtered(resp)
-    if out_framing is Framing.LENGTH or (out_framing is Framing.NONE and
-                                         resp.get(b"content-length") is not None):
+    if resp.status == 204:
+        pass  # RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204
+    elif out_framing is Framing.LENGTH or (out_framing is Framing.NONE and
+                                           resp.get(b"content-length") is not None):
         cl = resp.get(b"content-length")
         if cl is not None:
             headers.append((b"Content-Length", cl.split(b",")[0].strip()))
@@ -120,7 +129,8 @@ def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bo
     """The common case — same framing, no hop-by-hop field but Connection: keep-alive/close
     and Keep-Alive — as the received section minus those lines; None when not applicable."""
     lnames = lower_names(resp)
-    if (not resp.raw_block or out_framing is not resp.framing
+    if (not resp.raw_block or out_framing is not resp.framing or resp.status == 204
+            or not _plain_ows(resp.raw_block)
             or not _RESPONSE_SLOW.isdisjoint(lnames) or lnames.count(b"content-length") > 1
             or not resp.connection_tokens <= _CONNECTION_PLAIN):
         return None

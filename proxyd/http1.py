@@ -231,6 +231,11 @@ class _Parser:
         return self._state is _State.DONE
 
     @property
+    def close_delimited(self) -> bool:
+        """True while reading a body that ends when the connection closes."""
+        return self._state is _State.BODY_CLOSE
+
+    @property
     def in_head(self) -> bool:
         """True while waiting for (part of) a message head."""
         return self._state is _State.HEAD
@@ -279,18 +284,21 @@ class _Parser:
         # for a head that arrives byte by byte).
         if scan and buf[scan - 1] == 13:
             scan -= 1
-        stop = end + 4 if end != -1 else len(buf)
+        # Only the first head_size bytes are judged for bare LF, so the verdict (400 or 431)
+        # is the same however the bytes were segmented.
+        limit = self.limits.head_size
+        stop = min(end + 4 if end != -1 else len(buf), limit)
         if buf.count(b"\n", scan, stop) != buf.count(b"\r\n", scan, stop):
             raise ParseError("bare LF in message head")
         if end == -1:
             self._scan_from = len(buf)
             self._check_partial_head()
             return None
+        if end + 4 > limit:
+            raise ParseError("message head too large", status=431)
         head = bytes(buf[:end])
         self._drop(end + 4)
         self._scan_from = 0
-        if end + 4 > self.limits.head_size:
-            raise ParseError("message head too large", status=431)
         return head
 
     def _check_partial_head(self) -> None:
@@ -549,6 +557,7 @@ class RequestParser(_Parser):
         while self._buf[:2] == b"\r\n" and self._leading_crlf < _MAX_LEADING_CRLF:
             self._drop(2)
             self._leading_crlf += 1
+            self._scan_from = 0  # positions moved: scan the rest from the start
 
     def _check_request_line_length(self) -> None:
         limit = self.limits.request_line

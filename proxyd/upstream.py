@@ -86,9 +86,29 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:
             self.close("origin_closed")
             return False
+        if self.parser.close_delimited and not self._clean_close():
+            # RFC 9112 §9.8: over TLS a close-delimited body is complete only with a
+            # close_notify; a bare TCP close may be a truncation (attack or crash).
+            self._fail(exchange, errors.ResponseIncomplete(
+                "origin closed the connection without TLS close_notify; body may be truncated"))
+            return False
         self.parser.feed(b"")
         self._deliver(exchange)
         return False
+
+    def _clean_close(self) -> bool:
+        """True unless TLS ended without close_notify (asyncio reports both as EOF)."""
+        if not self.pool.key.tls or self.transport is None:
+            return True
+        sslobj = self.transport.get_extra_info("ssl_object")
+        if sslobj is None:
+            return True
+        try:
+            # After close_notify the SSL object reads b""; after a bare TCP FIN it still
+            # wants data (asyncio never signals EOF to the BIO).
+            return sslobj.read(1) == b""
+        except ssl.SSLError:
+            return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         exchange = self.exchange
