@@ -43,7 +43,7 @@ class Limits:
     header_count: int = 100
     chunk_line: int = 4096
     trailer_size: int = 16384
-    client_connections: int = 10000  # per worker; more wait in the accept backlog
+    client_connections: int = 16384  # per worker; more wait in the accept backlog
     pool_waiters: int = 1024         # requests queued per origin per worker
     body_buffer: int = 262144        # bytes buffered per direction before pausing the sender
 

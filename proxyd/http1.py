@@ -190,6 +190,9 @@ class _State(enum.Enum):
 class _Parser:
     """Shared buffering, head splitting and body decoding for both directions."""
 
+    __slots__ = ("limits", "_buf", "_eof", "_state", "_remaining", "_scan_from", "_trailers",
+                 "_trailer_bytes", "bytes_in")
+
     def __init__(self, limits: ParserLimits | None = None) -> None:
         self.limits = limits or ParserLimits()
         self._buf: bytes | bytearray = b""
@@ -514,6 +517,8 @@ def _keep_alive(version: int, tokens: frozenset[bytes]) -> bool:
 class RequestParser(_Parser):
     """Parses the requests a client sends on one connection."""
 
+    __slots__ = ("_leading_crlf",)
+
     def __init__(self, limits: ParserLimits | None = None) -> None:
         super().__init__(limits)
         self._leading_crlf = 0
@@ -638,6 +643,8 @@ class ResponseParser(_Parser):
     Call :meth:`expect` with the request method before each response: a response to HEAD
     has no body whatever its fields say (RFC 9112 §6.3 (1)).
     """
+
+    __slots__ = ("_method", "seen_bytes")
 
     def __init__(self, limits: ParserLimits | None = None) -> None:
         super().__init__(limits)

@@ -49,6 +49,10 @@ class Exchange(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """An HTTP/1.1 connection to one origin, owned by a :class:`Pool`."""
 
+    __slots__ = ("pool", "transport", "parser", "state", "exchange", "created", "idle_since",
+                 "requests", "ttl", "max_requests", "close_reason", "writing_paused",
+                 "reading_paused", "from_idle")
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None

@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -237,10 +238,27 @@ class Worker:
         self._report_stats()  # final counters, so the master's totals lose nothing
 
 
+def _raise_fd_limit(wanted: int) -> None:
+    """Lift the soft open-files limit towards what the connection limit needs (a client and
+    an upstream socket each), within the hard limit; warn once if it stays short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open-files limit %d is below the %d that limits.client_connections "
+                    "needs; raise LimitNOFILE / ulimit -n", soft, wanted)
+
+
 def worker_main(cfg: Config, listen_sock: socket.socket, report_fd: int | None) -> int:
     """Entry point of a forked worker; returns the exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides how to stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _raise_fd_limit(cfg.limits.client_connections * 2 + 256)
     worker = Worker(cfg, listen_sock, report_fd)
     asyncio.run(worker.run())
     return 0
