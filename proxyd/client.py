@@ -580,7 +580,7 @@ class ClientConnection(asyncio.Protocol):
         if not access.enabled:
             return
         req = self.req
-        origin = str(self.route.origin) if self.route else "-"
+        origin = self.pool.name if self.pool else "-"
         path = self.route.target if self.route else (req.target if req else b"-")
         wait = self.t_conn - started if self.t_conn else now - started
         ttfb = self.t_head - self.t_conn if self.t_head and self.t_conn else 0.0

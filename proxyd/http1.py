@@ -497,7 +497,11 @@ def _split_list(head: RequestHead | ResponseHead) -> tuple[list[bytes], list[byt
     cl: list[bytes] = []
     te: list[bytes] = []
     conn: list[bytes] = []
-    for lname, (_, value) in zip(lower_names(head), head.headers):
+    lnames = lower_names(head)
+    if (b"content-length" not in lnames and b"transfer-encoding" not in lnames
+            and b"connection" not in lnames):
+        return cl, te, conn  # the common request: nothing to collect
+    for lname, (_, value) in zip(lnames, head.headers):
         if lname == b"content-length":
             cl.extend(v.strip(b" \t") for v in value.split(b","))
         elif lname == b"transfer-encoding":

@@ -46,6 +46,7 @@ class Pool:
                  stats: WorkerStats, parser_limits: ParserLimits, pool_wait: float,
                  max_waiters: int, learned: bool = False, learned_ttl: float = 300.0) -> None:
         self.key = key
+        self.name = str(key)  # host:port, for logs
         self.settings = settings
         self.server_hostname = settings.server_hostname
         self.connector = connector
