@@ -58,6 +58,15 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationsConfig:
+    """Networks upstream and tunnel connections may reach, checked on resolved addresses."""
+
+    # Link-local (cloud metadata: 169.254.169.254, fd00:ec2::254) is denied by default.
+    deny_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
+    allow_networks: tuple[str, ...] = ()   # empty: every address not denied
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     """Pool settings, the defaults for every origin (configured or learned)."""
 
@@ -108,6 +117,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig = field(default_factory=TlsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
     origin: tuple[OriginConfig, ...] = ()
     source: str = "<defaults>"
 
@@ -119,6 +129,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "timeouts": Timeouts, "limits": Limits, "tls": TlsConfig, "pool": PoolConfig,
+    "destinations": DestinationsConfig,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
@@ -133,6 +144,10 @@ def _check_type(key: str, value: Any, typ: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {key}: expected {typ.__name__}, "
                               f"got {type(value).__name__} {value!r}")
         return value
+    if typ == tuple[str, ...]:
+        if not isinstance(value, list) or not all(type(v) is str for v in value):
+            raise ConfigError(f"{source}: {key}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if typ == tuple[int, ...]:
         if not isinstance(value, list) or not all(type(v) is int for v in value):
             raise ConfigError(f"{source}: {key}: expected a list of integers, got {value!r}")
@@ -253,6 +268,12 @@ def validate(cfg: Config) -> None:
     for p in cfg.connect_ports:
         if not 1 <= p <= 65535:
             raise ConfigError(f"{src}: connect_ports: invalid port {p}")
+    for key in ("deny_networks", "allow_networks"):
+        for net in getattr(cfg.destinations, key):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"{src}: destinations.{key}: invalid network {net!r}") from None
     _validate_positive(cfg.timeouts, "timeouts", src)
     _validate_positive(cfg.limits, "limits", src)
     _validate_pool(cfg.pool, "pool", src)

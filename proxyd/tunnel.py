@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from .upstream import Connector, map_connect_error
+from .upstream import map_connect_error
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -45,7 +45,7 @@ class Tunnel:
         timeout = self.client.worker.timeouts.connect
         try:
             async with asyncio.timeout(timeout):
-                sock = await Connector._connect_tcp(loop, self.host, self.port)
+                sock = await self.client.worker.connector.connect_tcp(loop, self.host, self.port)
                 transport, _ = await loop.create_connection(lambda: _TunnelPeer(self), sock=sock)
         except asyncio.CancelledError:
             raise

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from . import errors
+from .policy import DestinationPolicy
 from .http1 import CLOSED, NEED_DATA, PAUSED, EndOfMessage, ParseError, ResponseHead, ResponseParser
 
 if TYPE_CHECKING:
@@ -300,7 +301,8 @@ class Connector:
     """Opens upstream connections: DNS, TCP connect, TLS handshake, each with its timeout."""
 
     def __init__(self, ssl_context: ssl.SSLContext, connect_timeout: float,
-                 handshake_timeout: float) -> None:
+                 handshake_timeout: float, policy: DestinationPolicy | None = None) -> None:
+        self.policy = policy or DestinationPolicy(())
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
@@ -311,7 +313,7 @@ class Connector:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                sock = await self._connect_tcp(loop, key.host, key.port)
+                sock = await self.connect_tcp(loop, key.host, key.port)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -332,11 +334,17 @@ class Connector:
             raise map_connect_error(_unwrap_timeout(exc), key.host, key.port, stage) from None
         return conn, time.monotonic() - started
 
-    @staticmethod
-    async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    async def connect_tcp(self, loop: asyncio.AbstractEventLoop, host: str,
+                          port: int) -> socket.socket:
+        """Resolve, check each address against the policy, connect to the first that works."""
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         last: BaseException = OSError(f"no addresses for {host}")
         for family, type_, proto, _, addr in infos:
+            try:
+                self.policy.check(host, addr[0], addr[1])
+            except errors.DestinationProhibited as exc:
+                last = exc
+                continue
             sock = socket.socket(family, type_, proto)
             sock.setblocking(False)
             try:

@@ -22,6 +22,7 @@ from .config import Config, OriginConfig
 from .headers import via_entry
 from .http1 import ParserLimits
 from .metrics import WorkerStats, merge
+from .policy import DestinationPolicy
 from .pool import Pool
 from .router import OriginKey, Route, Router
 from .upstream import Connector, make_ssl_context
@@ -56,7 +57,11 @@ class Worker:
         self._via10 = via_entry(10, cfg.via)
         self._via11 = via_entry(11, cfg.via)
         ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
-        self.connector = Connector(ctx, cfg.timeouts.connect, cfg.timeouts.tls_handshake)
+        dest = cfg.destinations
+        policy = DestinationPolicy(dest.deny_networks, dest.allow_networks,
+                                   own=_own_addresses(listen_sock))
+        self.connector = Connector(ctx, cfg.timeouts.connect, cfg.timeouts.tls_handshake,
+                                   policy)
         self._stop = asyncio.Event()
         self.accepting = False
         self._attaching = 0  # accepted sockets whose transport is being set up
@@ -236,6 +241,15 @@ class Worker:
             pool.close()
         self.access_log.flush()
         self._report_stats()  # final counters, so the master's totals lose nothing
+
+
+def _own_addresses(sock: socket.socket) -> frozenset[tuple[str, int]]:
+    """The client listener's address: connecting there would loop (RFC 9110 §7.6.3)."""
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return frozenset()
+    return frozenset({(host, port)})
 
 
 def _raise_fd_limit(wanted: int) -> None:

@@ -871,3 +871,28 @@ def test_client_connection_limit_queues_in_the_backlog(proxyd, tls_origin):
     finally:
         for s in held:
             s.close()
+
+
+def test_link_local_destinations_denied_by_default(proxyd):
+    """Cloud metadata lives on link-local addresses: 403 before any connection attempt."""
+    p = proxyd()
+    r, body = get(p.port, "http://169.254.169.254/latest/meta-data/")
+    assert_proxy_error(r, body, 403, "destination_ip_prohibited")
+    with Raw(p.port) as c:  # CONNECT is judged the same way
+        c.send("CONNECT 169.254.169.254:443 HTTP/1.1\r\nHost: 169.254.169.254:443\r\n\r\n")
+        assert c.response().status == 403
+
+
+def test_denied_network_checked_on_the_resolved_address(proxyd, tls_origin):
+    """A name that resolves into a denied network is denied too (localhost -> 127.0.0.1)."""
+    p = proxyd(config={"destinations": {"deny_networks": ["127.0.0.0/8", "::1/128"]}})
+    r, body = get(p.port, tls_origin.url("/bytes/1"))
+    assert_proxy_error(r, body, 403, "destination_ip_prohibited")
+    assert not tls_origin.connections
+
+
+def test_request_to_own_listener_is_a_loop(proxyd):
+    p = proxyd(config={"origin": [{"host": "127.0.0.1", "port": 9, "tls": False}]})
+    r, body = get(p.port, f"http://127.0.0.1:{p.port}/x")
+    assert r.status in (508, 400), r.status  # Via or the own-address check stops it
+    assert proxy_status(r.headers)

@@ -1,0 +1,45 @@
+"""Which destinations proxyd may connect to, judged on the *resolved* address.
+
+Checking the address that DNS returned (not the name in the request) means a name that
+resolves to a denied address is denied too: no bypass by a crafted or rebinding name. The
+defaults deny link-local networks (cloud metadata endpoints live there) and proxyd's own
+listener, which would be a request loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from .errors import DestinationProhibited
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: tuple[str, ...]) -> tuple[Network, ...]:
+    """Networks from CIDR strings (a bare address is a /32 or /128)."""
+    return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+class DestinationPolicy:
+    """Allow/deny decisions for upstream and tunnel connections."""
+
+    def __init__(self, deny: tuple[str, ...], allow: tuple[str, ...] = (),
+                 own: frozenset[tuple[str, int]] = frozenset()) -> None:
+        self.deny = parse_networks(deny)
+        self.allow = parse_networks(allow)
+        self.own = own
+
+    def check(self, host: str, ip: str, port: int) -> None:
+        """Raise :class:`DestinationProhibited` unless ``ip:port`` may be reached."""
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id
+        mapped = getattr(addr, "ipv4_mapped", None)
+        if mapped is not None:
+            addr = mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+        if (str(addr), port) in self.own:
+            raise DestinationProhibited(
+                f"{host}:{port} is this proxy's own listener (request loop)", status=508,
+                error_type="proxy_loop_detected")
+        if any(addr in net for net in self.deny):
+            raise DestinationProhibited(f"destination {host} ({addr}) is in a denied network")
+        if self.allow and not any(addr in net for net in self.allow):
+            raise DestinationProhibited(f"destination {host} ({addr}) is not in an allowed network")
