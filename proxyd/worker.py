@@ -252,9 +252,11 @@ def _own_addresses(sock: socket.socket) -> frozenset[tuple[str, int]]:
     return frozenset({(host, port)})
 
 
-def _raise_fd_limit(wanted: int) -> None:
+def _raise_fd_limit(clients: int) -> None:
     """Lift the soft open-files limit towards what the connection limit needs (a client and
-    an upstream socket each), within the hard limit; warn once if it stays short."""
+    an upstream socket each), within the hard limit; warn once if even the clients alone
+    would not fit."""
+    wanted = clients * 2 + 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -263,16 +265,16 @@ def _raise_fd_limit(wanted: int) -> None:
             soft = target
         except (ValueError, OSError):
             pass
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        log.warning("open-files limit %d is below the %d that limits.client_connections "
-                    "needs; raise LimitNOFILE / ulimit -n", soft, wanted)
+    if soft != resource.RLIM_INFINITY and soft < clients + 256:
+        log.warning("open-files limit %d is below limits.client_connections (%d) + 256; "
+                    "raise LimitNOFILE / ulimit -n or lower the limit", soft, clients)
 
 
 def worker_main(cfg: Config, listen_sock: socket.socket, report_fd: int | None) -> int:
     """Entry point of a forked worker; returns the exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides how to stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    _raise_fd_limit(cfg.limits.client_connections * 2 + 256)
+    _raise_fd_limit(cfg.limits.client_connections)
     worker = Worker(cfg, listen_sock, report_fd)
     asyncio.run(worker.run())
     return 0
