@@ -30,13 +30,14 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9112 §3.2: request-target holds no whitespace or CTL.
 _BAD_TARGET_CHAR = re.compile(rb"[\x00-\x20\x7f-\xff]")
-# A whole field section in one linear pass (RFC 9112 §5): token, ":", OWS, a value that
-# starts with a visible char and holds no CTL but HTAB, CRLF. Each part has exactly one way to
-# match, so a failing line costs no backtracking.
+# A field line (RFC 9112 §5): token, ":", OWS, a value that starts with a visible char and
+# holds no CTL but HTAB, CRLF. Each part has exactly one way to match, so a failing line
+# costs no backtracking.
 _FIELD_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _FIELD_VALUE = rb"(?:[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*)?"
-_FIELD_BLOCK = re.compile(rb"(?:" + _FIELD_NAME + rb":[ \t]*" + _FIELD_VALUE + rb"\r\n)*")
-_FIELD_ITEM = re.compile(rb"(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb")\r\n")
+# Anchored at line starts: a line either matches whole or not at all (values hold no CR or
+# LF), so "as many matches as lines" proves every line valid in a single pass.
+_FIELD_ITEM = re.compile(rb"(?m)^(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb")\r\n")
 _FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
@@ -309,16 +310,17 @@ class _Parser:
             raise ParseError("message head too large", status=431)
 
     def _parse_block(self, block: bytes, lnames: list[bytes]) -> Headers:
-        """Parse a field section (each line ending in CRLF) with two C-level regex passes."""
+        """Parse a field section (each line ending in CRLF) in one C-level regex pass."""
         if not block:
             return []
-        if block.count(b"\n") > self.limits.header_count:
+        lines = block.count(b"\n")
+        if lines > self.limits.header_count:
             raise ParseError("too many header fields", status=431)
-        if _FIELD_BLOCK.fullmatch(block) is None:
+        headers: Headers = _FIELD_ITEM.findall(block)
+        if len(headers) != lines:
             # Slow path, only for invalid input: find the offending line and say why.
             return self._parse_fields(block[:-2].split(b"\r\n"), self.limits.header_count,
                                       lnames)
-        headers: Headers = _FIELD_ITEM.findall(block)
         if b" \r\n" in block or b"\t\r\n" in block:  # trailing OWS is not part of a value
             headers = [(n, v.rstrip(b" \t")) for n, v in headers]
         lnames.extend([n.lower() for n, _ in headers])
@@ -498,17 +500,29 @@ def _split_list(head: RequestHead | ResponseHead) -> tuple[list[bytes], list[byt
     te: list[bytes] = []
     conn: list[bytes] = []
     lnames = lower_names(head)
-    if (b"content-length" not in lnames and b"transfer-encoding" not in lnames
-            and b"connection" not in lnames):
-        return cl, te, conn  # the common request: nothing to collect
-    for lname, (_, value) in zip(lnames, head.headers):
-        if lname == b"content-length":
-            cl.extend(v.strip(b" \t") for v in value.split(b","))
-        elif lname == b"transfer-encoding":
-            te.extend(v.strip(b" \t").lower() for v in value.split(b","))
-        elif lname == b"connection":
-            conn.extend(v.strip(b" \t").lower() for v in value.split(b","))
-    return cl, [v for v in te if v], [v for v in conn if v]
+    headers = head.headers
+    if b"content-length" in lnames:
+        cl = _members(headers, lnames, b"content-length", lower=False)
+    if b"transfer-encoding" in lnames:
+        te = [v for v in _members(headers, lnames, b"transfer-encoding") if v]
+    if b"connection" in lnames:
+        conn = [v for v in _members(headers, lnames, b"connection") if v]
+    return cl, te, conn
+
+
+def _members(headers: Headers, lnames: list[bytes], lname: bytes, lower: bool = True) -> list[bytes]:
+    """List members of every line of field ``lname`` (RFC 9110 §5.6.1), stripped."""
+    if lnames.count(lname) == 1:
+        values = [headers[lnames.index(lname)][1]]
+    else:
+        values = [v for n, (_, v) in zip(lnames, headers) if n == lname]
+    out: list[bytes] = []
+    for value in values:
+        if b"," in value:
+            out.extend(v.strip(b" \t") for v in value.split(b","))
+        else:
+            out.append(value)  # already stripped by the parser
+    return [v.lower() for v in out] if lower else out
 
 
 def _keep_alive(version: int, tokens: frozenset[bytes]) -> bool:
