@@ -1,0 +1,78 @@
+"""Slow and idle clients cannot starve the proxy: limits and timeouts under load."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+
+import pytest
+
+from origin import pattern_bytes
+
+IO_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def many_fds():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2600:
+        pytest.skip("needs about 2,600 open files for 1,000 slow clients")
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _get(port: int, url: str, authority: str) -> tuple[float, bytes]:
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return time.monotonic() - t0, data
+
+
+def test_slowloris_clients_do_not_starve_a_normal_client(proxyd, tls_origin, many_fds):
+    """1,000 clients trickling a request head; a normal client is still served at once, and
+    the slow ones are answered 408 and closed when timeouts.client_head expires."""
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
+               config={"timeouts": {"client_head": 2.0}})
+    slow = []
+    try:
+        for _ in range(1000):
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT)
+            s.sendall(b"GET http://")  # a head that never completes
+            slow.append(s)
+        took, data = _get(p.port, tls_origin.url("/bytes/100"), tls_origin.authority)
+        print(f"\nnormal request beside 1,000 slowloris connections: {took * 1000:.1f} ms")
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(pattern_bytes(100))
+        assert took < 1.0
+        # each slow client gets 408 once client_head passes, then the connection closes
+        deadline = time.monotonic() + 10
+        answered = 0
+        for s in slow[:50]:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            reply = s.recv(100)
+            answered += reply.startswith(b"HTTP/1.1 408")
+        assert answered == 50
+    finally:
+        for s in slow:
+            s.close()
+    assert not tls_origin.requests[1:], "no slow request reached the origin"
+
+
+def test_idle_keepalive_client_is_closed_after_client_idle(proxyd, tls_origin):
+    p = proxyd(workers=1, config={"timeouts": {"client_idle": 1.0}})
+    with socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT) as s:
+        s.sendall(f"GET {tls_origin.url('/bytes/5')} HTTP/1.1\r\n"
+                  f"Host: {tls_origin.authority}\r\n\r\n".encode())
+        data = b""
+        while not data.endswith(pattern_bytes(5)):
+            data += s.recv(65536)
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # closed by proxyd, silently, after client_idle
+        took = time.monotonic() - t0
+    assert 0.8 < took < 3.0, took
