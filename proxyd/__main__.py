@@ -24,8 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warm", type=int, metavar="N", help="warm connections per origin per worker")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="debug, info, warning, error or critical")
-    p.add_argument("command", nargs="?", choices=["run", "check"], default="run",
-                   help="run (default) or check the configuration and print it")
+    p.add_argument("command", nargs="?", choices=["run", "check", "hash-password"],
+                   default="run", help="run (default); check the configuration and print it; "
+                   "hash-password: read a password on stdin, print a users-file hash")
     return p
 
 
@@ -37,9 +38,27 @@ def load_config(args: argparse.Namespace) -> config.Config:
         ca_file=args.ca_file, origins=args.origin, warm=args.warm, log_level=args.log_level)
 
 
+def _hash_password() -> int:
+    """Print a hash for access.users_file (``user:HASH``) from a password on stdin."""
+    import getpass
+
+    from .access import hash_password
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("proxyd: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``proxyd`` command."""
     args = _parser().parse_args(argv)
+    if args.command == "hash-password":
+        return _hash_password()
     try:
         cfg = load_config(args)
     except config.ConfigError as exc:

@@ -115,6 +115,10 @@ class ClientConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if peer and not self.worker.access.client_allowed(peer[0]):
+            self.state = ClientState.CLOSED  # not an allowed client network: say nothing
+            transport.abort()
+            return
         self.worker.clients.add(self)
         self.worker.stats.client_connections += 1
 
@@ -264,6 +268,9 @@ class ClientConnection(asyncio.Protocol):
         if hosts > 1 or (hosts == 0 and req.version >= 11):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1.
             raise errors.ParseError("request needs exactly one Host header field")
+        access = self.worker.access
+        if access.users:
+            access.authenticate(req.get(b"proxy-authorization"))  # 407 unless valid
         if b"via" in lnames and has_loop(req.headers, self.worker.cfg.via):
             raise errors.ProxyError("request loop detected: Via already names this proxy",
                                     status=508, error_type="proxy_loop_detected")
@@ -563,8 +570,9 @@ class ClientConnection(asyncio.Protocol):
             phrase = "Error"
         self._log(exc.status, exc.error_type)
         head_only = self.req is not None and self.req.method == b"HEAD"
+        extra = [(b"Proxy-Authenticate", self.worker.access.challenge)] if exc.status == 407 else []
         self._send(error_response(exc.status, phrase, exc.error_type, exc.reason,
-                                            self.keep_alive, exc.details, head_only))
+                                  self.keep_alive, exc.details, head_only, extra))
 
     def _log(self, status: int, error: str) -> None:
         """Count the finished exchange and write its access-log line (once)."""

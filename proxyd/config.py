@@ -67,6 +67,15 @@ class DestinationsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """Who may use the proxy."""
+
+    allow_clients: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # client networks
+    users_file: str = ""          # set: Basic proxy authentication with these users
+    realm: str = "proxyd"
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     """Pool settings, the defaults for every origin (configured or learned)."""
 
@@ -118,6 +127,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     destinations: DestinationsConfig = field(default_factory=DestinationsConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     origin: tuple[OriginConfig, ...] = ()
     source: str = "<defaults>"
 
@@ -129,7 +139,7 @@ class Config:
 
 _SECTIONS: dict[str, type] = {
     "timeouts": Timeouts, "limits": Limits, "tls": TlsConfig, "pool": PoolConfig,
-    "destinations": DestinationsConfig,
+    "destinations": DestinationsConfig, "access": AccessConfig,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
@@ -268,6 +278,17 @@ def validate(cfg: Config) -> None:
     for p in cfg.connect_ports:
         if not 1 <= p <= 65535:
             raise ConfigError(f"{src}: connect_ports: invalid port {p}")
+    for net in cfg.access.allow_clients:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"{src}: access.allow_clients: invalid network {net!r}") from None
+    if cfg.access.users_file:
+        from .access import AuthError, load_users
+        try:
+            load_users(cfg.access.users_file)
+        except AuthError as exc:
+            raise ConfigError(f"{src}: access.users_file: {exc}") from None
     for key in ("deny_networks", "allow_networks"):
         for net in getattr(cfg.destinations, key):
             try:
@@ -321,7 +342,8 @@ def _validate_pool(section: Any, name: str, src: str) -> None:
 
 
 def _validate_listen_address(cfg: Config) -> None:
-    """Refuse to become an open proxy by accident: only loopback listeners for now."""
+    """Refuse to become an open proxy by accident: a non-loopback listener needs a client
+    allow-list or authentication."""
     host, _ = parse_hostport(cfg.listen, 3128, "listen", cfg.source)
     if host == "localhost":
         return
@@ -330,11 +352,16 @@ def _validate_listen_address(cfg: Config) -> None:
     except ValueError:
         raise ConfigError(f"{cfg.source}: listen: expected an IP address or localhost, "
                           f"got {host!r}") from None
-    if not addr.is_loopback:
-        raise ConfigError(
-            f"{cfg.source}: listen: {host} is not a loopback address; proxyd refuses to run "
-            "as an open proxy. Listen on 127.0.0.1 or ::1 (client allow-lists and "
-            "authentication for other addresses are not configured)")
+    if addr.is_loopback:
+        return
+    default_clients = AccessConfig().allow_clients
+    if cfg.access.users_file or cfg.access.allow_clients != default_clients:
+        return
+    raise ConfigError(
+        f"{cfg.source}: listen: {host} is not a loopback address; proxyd refuses to run as an "
+        "open proxy. Set access.allow_clients to the client networks that may use it, or "
+        "access.users_file to require proxy authentication (proxyd hash-password), or "
+        "listen on 127.0.0.1 / ::1")
 
 
 def apply_flags(cfg: Config, *, listen: str | None = None, metrics_listen: str | None = None,

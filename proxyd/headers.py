@@ -156,7 +156,8 @@ def informational_head(resp: ResponseHead, via: bytes) -> bytes:
 
 
 def error_response(status: int, reason_phrase: str, error_type: str, message: str,
-                   keep_alive: bool, details: str = "", head_only: bool = False) -> bytes:
+                   keep_alive: bool, details: str = "", head_only: bool = False,
+                   extra: Headers | None = None) -> bytes:
     """A generated error with a text body and an RFC 9209 Proxy-Status field."""
     body = (message + "\n").encode("utf-8", "replace")
     proxy_status = f"proxyd; error={error_type}"
@@ -172,6 +173,7 @@ def error_response(status: int, reason_phrase: str, error_type: str, message: st
         (b"Proxy-Status", proxy_status.encode("ascii", "replace")),
         (b"Cache-Control", b"no-store"),
         (b"Connection", b"keep-alive" if keep_alive else b"close"),
+        *(extra or ()),
     ]
     head = serialize_head(b"HTTP/1.1 %d " % status + reason_phrase.encode(), headers)
     return head if head_only else head + body

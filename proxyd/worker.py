@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 
+from .access import Access, load_users
 from .accesslog import AccessLog
 from .client import ClientConnection, ClientState
 from .config import Config, OriginConfig
@@ -48,6 +49,9 @@ class Worker:
         self.parser_limits = ParserLimits(lim.request_line, lim.head_size, lim.header_count,
                                           lim.chunk_line, lim.trailer_size)
         self.router = Router(cfg)
+        acc = cfg.access
+        self.access = Access(acc.allow_clients,
+                             load_users(acc.users_file) if acc.users_file else {}, acc.realm)
         self.stats = WorkerStats(max_learned=cfg.metrics_max_origins)
         self.metrics_enabled = cfg.metrics
         self.clients: set[ClientConnection] = set()

@@ -1,0 +1,121 @@
+"""Who may use the proxy: client networks and optional Basic proxy authentication.
+
+Passwords are stored as salted PBKDF2-SHA256 hashes (``proxyd hash-password`` makes a line
+for the users file); verification uses a constant-time comparison, and credentials are
+never forwarded (``Proxy-Authorization`` is hop-by-hop) nor logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import os
+
+from .errors import ProxyError
+from .policy import parse_networks
+
+_SCHEME = "pbkdf2_sha256"
+# Verification runs on the event loop, so its cost is bounded: ~6 ms here at 20,000
+# iterations, and a verified (or refused) header is remembered, so each distinct
+# credential is hashed once.
+_ITERATIONS = 20_000
+_CACHE_SIZE = 1024
+
+
+class AuthError(ValueError):
+    """A users file that cannot be used; the message names the file and line."""
+
+
+def hash_password(password: str, iterations: int = _ITERATIONS) -> str:
+    """A users-file hash: ``pbkdf2_sha256$ITERATIONS$SALT$HASH`` (base64)."""
+    salt = os.urandom(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return (f"{_SCHEME}${iterations}${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(digest).decode()}")
+
+
+def load_users(path: str) -> dict[str, tuple[int, bytes, bytes]]:
+    """Parse ``user:hash`` lines (``#`` comments and blank lines allowed)."""
+    users: dict[str, tuple[int, bytes, bytes]] = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise AuthError(f"{path}: cannot read: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, _, hashed = line.partition(":")
+        parts = hashed.split("$")
+        try:
+            if not user or len(parts) != 4 or parts[0] != _SCHEME:
+                raise ValueError
+            users[user] = (int(parts[1]), base64.b64decode(parts[2], validate=True),
+                           base64.b64decode(parts[3], validate=True))
+        except (ValueError, binascii.Error):
+            raise AuthError(f"{path}:{number}: expected user:{_SCHEME}$ITERATIONS$SALT$HASH "
+                            "(make one with: proxyd hash-password)") from None
+    return users
+
+
+class Access:
+    """Client-network and credential checks of one worker."""
+
+    def __init__(self, allow_clients: tuple[str, ...], users: dict[str, tuple[int, bytes, bytes]],
+                 realm: str) -> None:
+        self.networks = parse_networks(allow_clients)
+        self.users = users
+        self.challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode()
+        self._verified: dict[bytes, str | None] = {}  # sha256(header) -> user or None
+
+    def client_allowed(self, ip: str) -> bool:
+        """True when the client's address is in an allowed network."""
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        mapped = getattr(addr, "ipv4_mapped", None)
+        return any((mapped or addr) in net for net in self.networks)
+
+    def authenticate(self, header: bytes | None) -> str:
+        """The user named by a valid ``Proxy-Authorization``, else a 407 ProxyError."""
+        if not self.users:
+            return ""
+        if header is None:
+            raise _challenge("proxy authentication required")
+        key = hashlib.sha256(header).digest()
+        if key in self._verified:
+            user = self._verified[key]
+        else:
+            try:
+                user = self._check(header)
+            except ProxyError:
+                user = None
+            if len(self._verified) >= _CACHE_SIZE:
+                self._verified.clear()
+            self._verified[key] = user
+        if user is None:
+            raise _challenge("invalid proxy credentials")
+        return user
+
+    def _check(self, header: bytes) -> str:
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"basic":
+            raise _challenge("only Basic proxy authentication is supported")
+        try:
+            user_b, _, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+            user = user_b.decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise _challenge("malformed Proxy-Authorization") from None
+        entry = self.users.get(user)
+        # Compare even for unknown users, so timing does not tell which names exist.
+        iterations, salt, expected = entry or (_ITERATIONS, b"\0" * 16, b"\0" * 32)
+        digest = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+        if not hmac.compare_digest(digest, expected) or entry is None:
+            raise _challenge("invalid proxy credentials")
+        return user
+
+
+def _challenge(reason: str) -> ProxyError:
+    return ProxyError(reason, status=407, error_type="proxy_authentication_required")
