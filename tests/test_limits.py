@@ -76,3 +76,30 @@ def test_idle_keepalive_client_is_closed_after_client_idle(proxyd, tls_origin):
         assert s.recv(100) == b""  # closed by proxyd, silently, after client_idle
         took = time.monotonic() - t0
     assert 0.8 < took < 3.0, took
+
+
+def test_body_idle_timeout_cuts_a_stalled_response(proxyd, tls_origin):
+    """The origin sends a head, then nothing for 3 s: with body_idle = 1 s the client sees
+    the connection close before the announced length (an incomplete response)."""
+    p = proxyd(workers=1, config={"timeouts": {"body_idle": 1.0}})
+    took, data = _get(p.port, tls_origin.url("/slow-body/6?size=1000&steps=2"),
+                      tls_origin.authority)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 1000" in head
+    assert len(body) < 1000, "a stalled body must not look complete"
+    assert took < 3.0, took
+
+
+def test_tunnel_idle_timeout_closes_a_silent_tunnel(proxyd, echo_server):
+    p = proxyd(workers=1, config={"timeouts": {"tunnel_idle": 1.0},
+                                  "connect_ports": [echo_server.port]})
+    with socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT) as s:
+        s.sendall(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\n"
+                  f"Host: 127.0.0.1:{echo_server.port}\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+        s.sendall(b"ping")
+        assert s.recv(100) == b"ping"
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # closed after a second without traffic
+        took = time.monotonic() - t0
+    assert 0.8 < took < 3.0, took
