@@ -78,10 +78,6 @@ class ConnectionLimitReached(UpstreamError):
     error_type = "connection_limit_reached"
 
 
-class ConnectionTerminated(UpstreamError):
-    error_type = "connection_terminated"
-
-
 class DestinationProhibited(ProxyError):
     status = 403
     error_type = "destination_ip_prohibited"

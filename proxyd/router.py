@@ -88,10 +88,6 @@ class Router:
         if cfg.default_origin:
             self._default = split_authority(cfg.default_origin)
 
-    def configured(self, host: str, port: int) -> OriginConfig | None:
-        """The configured origin for host:port, if any."""
-        return self._origins.get((host, port))
-
     def route(self, method: bytes, target: bytes) -> Route:
         """Route a non-CONNECT request; raises :class:`ProxyError` with a clear reason."""
         if target[:1] == b"/" or target == b"*":
