@@ -242,12 +242,15 @@ class ClientConnection(asyncio.Protocol):
             self._check(req)
             if req.method == b"CONNECT":
                 host, port = worker.router.route_connect(req.target)
+                worker.connector.policy.check_host(host)
                 self.state = ClientState.TUNNEL
                 self.deadline = time.monotonic() + worker.timeouts.tunnel_idle
                 self.tunnel = Tunnel(self, host, port)
                 self.tunnel.start(self.parser.take_buffered())
                 return
             route = worker.router.route(req.method, req.target)
+            if worker.host_rules:
+                worker.connector.policy.check_host(route.origin.host)
         except errors.ProxyError as exc:
             self._fail_early(exc)
             return

@@ -64,6 +64,8 @@ class DestinationsConfig:
     # Link-local (cloud metadata: 169.254.169.254, fd00:ec2::254) is denied by default.
     deny_networks: tuple[str, ...] = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
     allow_networks: tuple[str, ...] = ()   # empty: every address not denied
+    deny_hosts: tuple[str, ...] = ()       # shell patterns, e.g. "*.internal"
+    allow_hosts: tuple[str, ...] = ()      # non-empty: only names matching one
 
 
 @dataclass(frozen=True, slots=True)

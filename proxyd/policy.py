@@ -8,6 +8,7 @@ listener, which would be a request loop.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 
 from .errors import DestinationProhibited
@@ -24,10 +25,23 @@ class DestinationPolicy:
     """Allow/deny decisions for upstream and tunnel connections."""
 
     def __init__(self, deny: tuple[str, ...], allow: tuple[str, ...] = (),
-                 own: frozenset[tuple[str, int]] = frozenset()) -> None:
+                 own: frozenset[tuple[str, int]] = frozenset(),
+                 deny_hosts: tuple[str, ...] = (), allow_hosts: tuple[str, ...] = ()) -> None:
         self.deny = parse_networks(deny)
         self.allow = parse_networks(allow)
         self.own = own
+        self.deny_hosts = tuple(p.lower() for p in deny_hosts)
+        self.allow_hosts = tuple(p.lower() for p in allow_hosts)
+
+    def check_host(self, host: str) -> None:
+        """Name rules (shell patterns such as ``*.internal``), judged before DNS."""
+        name = host.lower().rstrip(".")
+        if any(fnmatch.fnmatchcase(name, p) for p in self.deny_hosts):
+            raise DestinationProhibited(f"destination {host} is denied by destinations.deny_hosts",
+                                        error_type="http_request_denied")
+        if self.allow_hosts and not any(fnmatch.fnmatchcase(name, p) for p in self.allow_hosts):
+            raise DestinationProhibited(f"destination {host} is not in destinations.allow_hosts",
+                                        error_type="http_request_denied")
 
     def check(self, host: str, ip: str, port: int) -> None:
         """Raise :class:`DestinationProhibited` unless ``ip:port`` may be reached."""

@@ -63,9 +63,11 @@ class Worker:
         ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
         dest = cfg.destinations
         policy = DestinationPolicy(dest.deny_networks, dest.allow_networks,
-                                   own=_own_addresses(listen_sock))
+                                   own=_own_addresses(listen_sock),
+                                   deny_hosts=dest.deny_hosts, allow_hosts=dest.allow_hosts)
         self.connector = Connector(ctx, cfg.timeouts.connect, cfg.timeouts.tls_handshake,
                                    policy)
+        self.host_rules = bool(dest.deny_hosts or dest.allow_hosts)
         self._stop = asyncio.Event()
         self.accepting = False
         self._attaching = 0  # accepted sockets whose transport is being set up

@@ -97,3 +97,22 @@ def test_verification_is_cached_and_constant_time_compare(tmp_path):
     assert getattr(exc.value, "status", None) == 407
     assert access.client_allowed("127.0.0.5") and access.client_allowed("::ffff:127.0.0.1")
     assert not access.client_allowed("192.0.2.1")
+
+
+def test_host_patterns_allow_and_deny(proxyd, tls_origin, echo_server):
+    p = proxyd(config={"destinations": {"deny_hosts": ["*.invalid", "evil.example"],
+                                        "allow_hosts": ["localhost", "*.invalid", "127.0.0.1"]},
+                       "connect_ports": [echo_server.port]})
+    r, body = get(p.port, "http://nonexistent.invalid/")  # denied before any DNS lookup
+    assert r.status == 403 and "error=http_request_denied" in proxy_status(r.headers)
+    assert b"deny_hosts" in body
+    r, body = get(p.port, "http://other.example/")
+    assert r.status == 403 and b"allow_hosts" in body
+    r, body = get(p.port, tls_origin.url("/bytes/3"))
+    assert (r.status, body) == (200, pattern_bytes(3))
+    with Raw(p.port) as c:
+        c.send(f"CONNECT evil.example:{echo_server.port} HTTP/1.1\r\n"
+               f"Host: evil.example:{echo_server.port}\r\n\r\n")
+        r = c.response()
+        assert r.status == 403 and "error=http_request_denied" in proxy_status(r)
+    assert echo_server.accepted == 0
