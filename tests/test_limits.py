@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import select
 import socket
 import time
 
@@ -103,3 +104,31 @@ def test_tunnel_idle_timeout_closes_a_silent_tunnel(proxyd, echo_server):
         assert s.recv(100) == b""  # closed after a second without traffic
         took = time.monotonic() - t0
     assert 0.8 < took < 3.0, took
+
+
+def test_connect_timeout_when_the_origin_never_accepts(proxyd):
+    """A listener whose accept queue is full drops SYNs, so the TCP connect hangs: proxyd
+    answers 504 connection_timeout after timeouts.connect, not after the kernel's minutes."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # fill the accept queue (nobody accepts)
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        # wait until the accept queue holds a completed connection (it is full from then on)
+        _, done, _ = select.select([], fillers, [], 5)
+        assert done, "could not fill the accept queue"
+        p = proxyd(workers=1, config={"timeouts": {"connect": 1.0}, "pool": {"learned_warm": 0}})
+        took, data = _get(p.port, f"http://127.0.0.1:{port}/x", f"127.0.0.1:{port}")
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+    assert data.startswith(b"HTTP/1.1 504"), data[:200]
+    assert b"error=connection_timeout" in data
+    assert took < 3.0, took
