@@ -19,7 +19,7 @@ import time
 from .access import Access, load_users
 from .accesslog import AccessLog
 from .client import ClientConnection, ClientState
-from .config import Config, OriginConfig
+from .config import Config, OriginConfig, parse_hostport
 from .headers import via_entry
 from .http1 import ParserLimits
 from .metrics import WorkerStats, merge
@@ -63,7 +63,7 @@ class Worker:
         ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
         dest = cfg.destinations
         policy = DestinationPolicy(dest.deny_networks, dest.allow_networks,
-                                   own=_own_addresses(listen_sock),
+                                   own=_own_addresses(listen_sock, cfg.metrics_listen),
                                    deny_hosts=dest.deny_hosts, allow_hosts=dest.allow_hosts)
         self.connector = Connector(ctx, cfg.timeouts.connect, cfg.timeouts.tls_handshake,
                                    policy)
@@ -249,13 +249,17 @@ class Worker:
         self._report_stats()  # final counters, so the master's totals lose nothing
 
 
-def _own_addresses(sock: socket.socket) -> frozenset[tuple[str, int]]:
-    """The client listener's address: connecting there would loop (RFC 9110 §7.6.3)."""
+def _own_addresses(sock: socket.socket, metrics_listen: str) -> frozenset[tuple[str, int]]:
+    """proxyd's own listeners: connecting there would loop (RFC 9110 §7.6.3)."""
+    own = set()
     try:
-        host, port = sock.getsockname()[:2]
+        own.add(tuple(sock.getsockname()[:2]))
     except OSError:
-        return frozenset()
-    return frozenset({(host, port)})
+        pass
+    host, port = parse_hostport(metrics_listen, 9128, "metrics_listen", "config")
+    if port:  # port 0 is only known to the master
+        own.add((host, port))
+    return frozenset(own)  # type: ignore[arg-type]
 
 
 def _raise_fd_limit(clients: int) -> None:

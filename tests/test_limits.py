@@ -132,3 +132,44 @@ def test_connect_timeout_when_the_origin_never_accepts(proxyd):
     assert data.startswith(b"HTTP/1.1 504"), data[:200]
     assert b"error=connection_timeout" in data
     assert took < 3.0, took
+
+
+def test_request_body_idle_timeout(proxyd, tls_origin):
+    """A client that stops sending its announced body gets 408 after body_idle, and the
+    half-sent request never completes upstream."""
+    p = proxyd(workers=1, config={"timeouts": {"body_idle": 1.0}})
+    with socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT) as s:
+        s.sendall(f"POST {tls_origin.url('/upload')} HTTP/1.1\r\nHost: {tls_origin.authority}\r\n"
+                  "Content-Length: 1000\r\n\r\n".encode() + b"x" * 10)
+        t0 = time.monotonic()
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        took = time.monotonic() - t0
+    assert data.startswith(b"HTTP/1.1 408"), data[:100]
+    assert 0.8 < took < 3.0, took
+    assert not any(r.path == "/upload" and r.body_len == 1000 for r in tls_origin.requests)
+
+
+def test_ten_thousand_idle_clients_on_one_worker(proxyd, tls_origin):
+    """One worker holds 10,000 idle client connections and still serves a new client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 10_300 if hard == resource.RLIM_INFINITY else min(10_300, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 10_300:
+        pytest.skip("needs 10,300 open files in the test process")
+    p = proxyd(workers=1, config={"timeouts": {"client_head": 60.0}})
+    held = []
+    try:
+        for _ in range(10_000):
+            held.append(socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT))
+        took, data = _get(p.port, tls_origin.url("/bytes/10"), tls_origin.authority)
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(pattern_bytes(10))
+        rss = p.rss_kib()
+        print(f"\n10,000 idle clients: a new request took {took * 1000:.1f} ms; "
+              f"proxyd RSS {rss:,} KiB")
+        assert took < 2.0
+    finally:
+        for s in held:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
