@@ -470,9 +470,12 @@ def test_dns_error(proxyd):
 
 
 def test_connection_refused(proxyd):
+    """An unreachable origin is answered 502 at once, not after a timeout."""
     p = proxyd()
     port = free_port_closed()
+    t0 = time.monotonic()
     r, body = get(p.port, f"http://127.0.0.1:{port}/bytes/1")
+    assert time.monotonic() - t0 < 1.0
     assert_proxy_error(r, body, 502, "connection_refused")
 
 
