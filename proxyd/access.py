@@ -11,11 +11,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import os
 
 from .errors import ProxyError
-from .policy import parse_networks
+from .policy import address, parse_networks
 
 _SCHEME = "pbkdf2_sha256"
 # Verification runs on the event loop, so its cost is bounded: ~6 ms here at 20,000
@@ -74,9 +73,8 @@ class Access:
 
     def client_allowed(self, ip: str) -> bool:
         """True when the client's address is in an allowed network."""
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        mapped = getattr(addr, "ipv4_mapped", None)
-        return any((mapped or addr) in net for net in self.networks)
+        addr = address(ip)
+        return any(addr in net for net in self.networks)
 
     def authenticate(self, header: bytes | None) -> str:
         """The user named by a valid ``Proxy-Authorization``, else a 407 ProxyError."""

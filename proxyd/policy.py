@@ -16,6 +16,13 @@ from .errors import DestinationProhibited
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as judged by rules: zone id dropped, ``::ffff:a.b.c.d`` as IPv4."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return mapped or addr
+
+
 def parse_networks(values: tuple[str, ...]) -> tuple[Network, ...]:
     """Networks from CIDR strings (a bare address is a /32 or /128)."""
     return tuple(ipaddress.ip_network(v, strict=False) for v in values)
@@ -45,10 +52,7 @@ class DestinationPolicy:
 
     def check(self, host: str, ip: str, port: int) -> None:
         """Raise :class:`DestinationProhibited` unless ``ip:port`` may be reached."""
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id
-        mapped = getattr(addr, "ipv4_mapped", None)
-        if mapped is not None:
-            addr = mapped  # ::ffff:169.254.169.254 is 169.254.169.254
+        addr = address(ip)  # ::ffff:169.254.169.254 is 169.254.169.254
         if (str(addr), port) in self.own:
             raise DestinationProhibited(
                 f"{host}:{port} is this proxy's own listener (request loop)", status=508,
