@@ -38,6 +38,8 @@ class AccessLog:
         self._size = 0
         self._ts_second = -1
         self._ts_text = ""
+        self._prefix = f"kind=access pid={self.pid} "
+        self._quoted: dict[bytes | str, str] = {}
 
     def _timestamp(self) -> str:
         now = int(time.time())
@@ -50,8 +52,14 @@ class AccessLog:
                bytes_in: int, bytes_out: int, duration: float, wait: float, ttfb: float,
                warm: bool, retried: bool, error: str) -> None:
         """Add one request's line."""
-        line = (f"ts={self._timestamp()} kind=access pid={self.pid} client={client} "
-                f"method={_quote(method.decode('latin-1'))} origin={_quote(origin)} "
+        quoted = self._quoted
+        m = quoted.get(method)
+        if m is None:
+            m = self._remember(method, _quote(method.decode("latin-1")))
+        o = quoted.get(origin)
+        if o is None:
+            o = self._remember(origin, _quote(origin))
+        line = (f"ts={self._timestamp()} {self._prefix}client={client} method={m} origin={o} "
                 f"path={_quote(path.decode('latin-1'))} status={status} bytes_in={bytes_in} "
                 f"bytes_out={bytes_out} duration_ms={duration * 1000:.3f} "
                 f"wait_ms={wait * 1000:.3f} ttfb_ms={ttfb * 1000:.3f} warm={int(warm)} "
@@ -60,6 +68,13 @@ class AccessLog:
         self._size += len(line)
         if self._size >= _FLUSH_AT:
             self.flush()
+
+    def _remember(self, key: bytes | str, text: str) -> str:
+        # Methods and origin labels repeat; bounded, since both come from clients.
+        if len(self._quoted) >= 1024:
+            self._quoted.clear()
+        self._quoted[key] = text
+        return text
 
     def flush(self) -> None:
         """Write the buffered lines."""

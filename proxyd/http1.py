@@ -494,26 +494,44 @@ def lower_names(head: RequestHead | ResponseHead) -> list[bytes]:
     return head.lnames
 
 
-def _split_list(head: RequestHead | ResponseHead) -> tuple[list[bytes], list[bytes], list[bytes]]:
-    """Collect Content-Length, Transfer-Encoding and Connection values in one pass."""
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def _split_list(head: RequestHead | ResponseHead) -> tuple[list[bytes], list[bytes], frozenset[bytes]]:
+    """Content-Length values, Transfer-Encoding codings and Connection tokens, in one pass.
+
+    Hot path: each name is looked up in the lower-cased name list (a C-level scan); only
+    fields that are present are split (RFC 9110 §5.6.1 lists, empty members dropped).
+    """
+    lnames = head.lnames
+    headers = head.headers
+    if len(lnames) != len(headers):
+        lnames = lower_names(head)
     cl: list[bytes] = []
     te: list[bytes] = []
-    conn: list[bytes] = []
-    lnames = lower_names(head)
-    headers = head.headers
+    conn = _NO_TOKENS
     if b"content-length" in lnames:
         cl = _members(headers, lnames, b"content-length", lower=False)
     if b"transfer-encoding" in lnames:
-        te = [v for v in _members(headers, lnames, b"transfer-encoding") if v]
+        te = _members(headers, lnames, b"transfer-encoding")
     if b"connection" in lnames:
-        conn = [v for v in _members(headers, lnames, b"connection") if v]
+        conn = frozenset(_members(headers, lnames, b"connection"))
     return cl, te, conn
 
 
 def _members(headers: Headers, lnames: list[bytes], lname: bytes, lower: bool = True) -> list[bytes]:
-    """List members of every line of field ``lname`` (RFC 9110 §5.6.1), stripped."""
+    """List members of every line of field ``lname`` (RFC 9110 §5.6.1), stripped.
+
+    With ``lower`` (codings, tokens) members are lower-cased and empty ones dropped; without
+    it (Content-Length) empty members stay, so that ``42,`` or an empty value is refused.
+    """
     if lnames.count(lname) == 1:
-        values = [headers[lnames.index(lname)][1]]
+        value = headers[lnames.index(lname)][1]  # already stripped by the parser
+        if b"," not in value:
+            if lower:
+                return [value.lower()] if value else []
+            return [value]
+        values = [value]
     else:
         values = [v for n, (_, v) in zip(lnames, headers) if n == lname]
     out: list[bytes] = []
@@ -521,12 +539,14 @@ def _members(headers: Headers, lnames: list[bytes], lname: bytes, lower: bool = 
         if b"," in value:
             out.extend(v.strip(b" \t") for v in value.split(b","))
         else:
-            out.append(value)  # already stripped by the parser
-    return [v.lower() for v in out] if lower else out
+            out.append(value)
+    return [v.lower() for v in out if v] if lower else out
 
 
 def _keep_alive(version: int, tokens: frozenset[bytes]) -> bool:
     # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
+    if not tokens:
+        return version >= 11
     if b"close" in tokens:
         return False
     return version >= 11 or b"keep-alive" in tokens
@@ -623,7 +643,7 @@ def _parse_request_line(line: bytes, limit: int) -> tuple[bytes, bytes, int]:
 def _request_framing(req: RequestHead) -> None:
     """Decide the request body length (RFC 9112 §6.3) or refuse ambiguous framing."""
     cl_values, te, conn = _split_list(req)
-    req.connection_tokens = frozenset(conn)
+    req.connection_tokens = conn
     req.keep_alive = _keep_alive(req.version, req.connection_tokens)
     if te or b"transfer-encoding" in req.lnames:
         if req.version < 11:
@@ -731,7 +751,7 @@ class ResponseParser(_Parser):
 def _response_framing(resp: ResponseHead, method: bytes) -> None:
     """Decide the response body length (RFC 9112 §6.3)."""
     cl_values, te, conn = _split_list(resp)
-    resp.connection_tokens = frozenset(conn)
+    resp.connection_tokens = conn
     resp.keep_alive = _keep_alive(resp.version, resp.connection_tokens)
     status = resp.status
     if status < 200 or status in (204, 304) or method == b"HEAD":

@@ -29,6 +29,8 @@ HISTOGRAMS = ("duration", "ttfb", "handshake", "wait")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
                       "CONNECT", "TRACE"})
 OTHER = "other"
+# Method label per request-line method: a dict hit instead of a decode and a set lookup.
+_METHOD_LABELS = {m.encode(): m for m in _METHODS}
 NO_ORIGIN = "none"
 
 
@@ -74,8 +76,7 @@ class OriginStats:
 
     def count_request(self, method: bytes, status: int) -> None:
         """One finished request."""
-        name = method.decode("latin-1")
-        self.requests[(name if name in _METHODS else "OTHER", status)] += 1
+        self.requests[(_METHOD_LABELS.get(method, "OTHER"), status)] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able counters."""
