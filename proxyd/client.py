@@ -58,7 +58,8 @@ class ClientConnection(asyncio.Protocol):
         "opened", "peer", "paused", "writing_paused", "_in_loop", "_out", "_corked", "tunnel",
         "req", "route", "pool", "upstream", "resp", "out_framing", "req_done", "resp_started",
         "keep_alive", "pending", "pending_size", "body_read", "retained", "retained_size",
-        "retried", "reused", "started", "t_conn", "t_head", "bytes_in", "bytes_out", "logged")
+        "retried", "reused", "started", "t_conn", "t_head", "bytes_in", "bytes_out", "logged",
+        "fresh")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -76,6 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._corked = False
         self.tunnel: Tunnel | None = None
+        self.fresh = False  # counted in worker.fresh_clients (no request begun yet)
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -121,6 +123,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.worker.clients.add(self)
         self.worker.stats.client_connections += 1
+        self.fresh = True
+        self.worker.fresh_clients += 1
 
     def data_received(self, data: bytes) -> None:
         self.worker.stats.bytes_from_clients += len(data)
@@ -160,6 +164,9 @@ class ClientConnection(asyncio.Protocol):
         state = self.state
         self.state = ClientState.CLOSED
         self.worker.clients.discard(self)
+        if self.fresh:
+            self._not_fresh()
+            self.worker.warm_capacity_changed()
         self.worker.client_closed()
         if state is ClientState.WAITING and self.pool is not None:
             self.pool.cancel(self)
@@ -230,7 +237,15 @@ class ClientConnection(asyncio.Protocol):
         self._send_error(exc)
         self._close()
 
+    def _not_fresh(self) -> None:
+        self.fresh = False
+        self.worker.fresh_clients -= 1
+
     def _begin(self, req: RequestHead) -> None:
+        if self.fresh:
+            # Its request takes the idle connection that was counted for it: the worker's
+            # spare warm capacity is unchanged, so no need to tell the accept balancing.
+            self._not_fresh()
         worker = self.worker
         worker.stats.requests += 1
         self.exchanges += 1

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from . import errors
 from .config import OriginConfig
@@ -67,6 +67,8 @@ class Pool:
         self.closed = False
         self._refill_scheduled = False
         self.ostats = stats.origin(str(key), configured=not learned)
+        # Called when a connection joins the idle list (the worker's accept balancing).
+        self.on_idle: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return (f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} "
@@ -99,7 +101,8 @@ class Pool:
             conn = self._pop_idle(now)
             if conn is not None:
                 self._hand(conn, waiter, reused=True)
-                self._schedule_refill()
+                if len(self.idle) + self.connecting < self.settings.warm:
+                    self._schedule_refill()  # below the floor (warm_floor <= settings.warm)
                 return
         if len(self.waiters) >= self.max_waiters:
             waiter.on_pool_error(errors.ConnectionLimitReached(
@@ -150,6 +153,8 @@ class Pool:
         conn.state = ConnState.IDLE
         conn.idle_since = now
         self.idle.append(conn)
+        if self.on_idle is not None:
+            self.on_idle()
 
     def on_closed(self, conn: UpstreamConnection, reason: str) -> None:
         """Called by a connection when it closes, whatever the cause."""
@@ -221,6 +226,8 @@ class Pool:
             # stays on top, so sequential traffic keeps using one connection.
             conn.idle_since = time.monotonic()
             self.idle.insert(0, conn)
+            if self.on_idle is not None:
+                self.on_idle()
 
     def _open_failed(self, exc: errors.ProxyError) -> None:
         self.failures += 1

@@ -34,6 +34,10 @@ _TICK = 0.25          # seconds between housekeeping passes (deadlines, pool upk
 _STATS_EVERY = 1.0    # seconds between stats reports to the master
 _ACCEPT_BATCH = 1    # connections accepted per wake-up, so that workers share a burst
 _FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
+# Longest a worker leaves new connections to the others because its warm pools are spoken
+# for (see _has_warm_capacity); then it accepts anyway and the request queues in its pool.
+_DEFER_MAX = 0.01
+_OVERFLOW = 0.1       # after a deferral ran out, accept freely this long
 
 
 class Worker:
@@ -71,6 +75,12 @@ class Worker:
         self._stop = asyncio.Event()
         self.accepting = False
         self._attaching = 0  # accepted sockets whose transport is being set up
+        # Accept balancing across workers (only with more than one worker).
+        self.fresh_clients = 0  # accepted clients whose first request has not begun
+        self._balance = cfg.worker_count > 1
+        self._warm_pools: list[Pool] = []
+        self._deferred: asyncio.TimerHandle | None = None
+        self._overflow_until = 0.0
         self._parent = os.getppid()
 
     def via(self, version: int) -> bytes:
@@ -102,7 +112,11 @@ class Worker:
     def _start_configured_pools(self) -> None:
         for o in self.cfg.origin:
             key = OriginKey(o.host.lower(), o.port, o.tls)
-            self._make_pool(key, o, learned=False)._refill()
+            pool = self._make_pool(key, o, learned=False)
+            if o.warm > 0 and self._balance:
+                self._warm_pools.append(pool)
+                pool.on_idle = self.warm_capacity_changed
+            pool._refill()
 
     def _warm(self) -> bool:
         """True when every configured pool reached its floor or has given up for now."""
@@ -144,6 +158,9 @@ class Worker:
             if len(self.clients) + self._attaching >= self.limits.client_connections:
                 self._stop_accepting()  # resumed by client_closed()
                 return
+            if self._warm_pools and not self._has_warm_capacity() and not self._overflowing():
+                self._defer_accepting()
+                return
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -163,6 +180,45 @@ class Worker:
             conn.close()
         finally:
             self._attaching -= 1
+
+    # Accept balancing. Workers share one listening socket and the kernel hands a burst of
+    # new connections to whichever wakes first, so one worker could take 23 of 32 first
+    # requests while the warm connections of another sat idle, and the excess waited a
+    # round trip for a connection to come back. Like nginx's accept_disabled, a worker whose
+    # idle warm connections are all spoken for by the new clients it already holds leaves
+    # the next connection in the queue for a worker that has one, for at most _DEFER_MAX.
+    def _has_warm_capacity(self) -> bool:
+        idle = 0
+        for pool in self._warm_pools:
+            idle += len(pool.idle)
+        return idle > self.fresh_clients + self._attaching
+
+    def _overflowing(self) -> bool:
+        # After a deferral ran out, the other workers are as busy: accept without holding
+        # back for a while (holding back again would add _DEFER_MAX per queued client).
+        return time.monotonic() < self._overflow_until
+
+    def _defer_accepting(self) -> None:
+        self._stop_accepting()
+        if self._deferred is None:
+            self._deferred = asyncio.get_running_loop().call_later(_DEFER_MAX, self._deferral_over)
+
+    def _deferral_over(self) -> None:
+        self._deferred = None
+        self._overflow_until = time.monotonic() + _OVERFLOW
+        self._undefer()
+
+    def _undefer(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+        if len(self.clients) < self.limits.client_connections:
+            self._start_accepting()
+
+    def warm_capacity_changed(self) -> None:
+        """A warm connection became idle, or a new client's first request began or it left."""
+        if self._deferred is not None and self._has_warm_capacity():
+            self._undefer()
 
     def _accept_failed(self, exc: OSError) -> None:
         self._stop_accepting()

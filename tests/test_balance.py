@@ -1,0 +1,111 @@
+"""Accept balancing across workers: a worker whose warm connections are all spoken for
+leaves new connections in the shared accept queue for a worker that has one."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from proxyd import config
+from proxyd.router import OriginKey
+from proxyd.worker import _DEFER_MAX, Worker
+
+
+async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
+
+
+def _worker(workers: int, warm: int) -> tuple[Worker, socket.socket]:
+    cfg = config.from_mapping({"workers": workers, "origin": [
+        {"host": "localhost", "port": 9, "warm": warm}]}, "test")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    lsock.setblocking(False)
+    w = Worker(cfg, lsock, None)
+    o = cfg.origin[0]
+    pool = w._make_pool(OriginKey("localhost", 9, o.tls), o, learned=False)
+    if w._balance:
+        w._warm_pools.append(pool)
+        pool.on_idle = w.warm_capacity_changed
+    return w, lsock
+
+
+def _connect(port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+
+
+def test_defers_until_a_warm_connection_is_free() -> None:
+    async def main() -> None:
+        w, lsock = _worker(workers=2, warm=2)
+        pool = next(iter(w.pools.values()))
+        pool.idle.extend([object(), object()])  # two idle warm connections (only counted)
+        w._start_accepting()
+        clients = _connect(lsock.getsockname()[1], 3)
+        await _until(lambda: w.fresh_clients == 2, "two accepts")
+        # The third waits in the queue: this worker's two idle connections are spoken for.
+        await _until(lambda: not w.accepting, "accepting stopped")
+        assert w._deferred is not None and w.fresh_clients == 2
+        pool.idle.append(object())   # a connection came back ...
+        pool.on_idle()               # ... and the pool says so
+        assert w.accepting
+        await _until(lambda: w.fresh_clients == 3, "third accept")
+        for c in clients:
+            c.close()
+        await _until(lambda: w.fresh_clients == 0, "clients gone")
+        lsock.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_deferral_is_bounded() -> None:
+    async def main() -> None:
+        w, lsock = _worker(workers=2, warm=1)
+        next(iter(w.pools.values())).idle.append(object())
+        w._start_accepting()
+        loop = asyncio.get_running_loop()
+        clients = _connect(lsock.getsockname()[1], 2)
+        await _until(lambda: w.fresh_clients == 1, "first accept")
+        t0 = loop.time()
+        # No capacity comes back: after _DEFER_MAX the worker accepts anyway (the request
+        # then queues in its pool) rather than leave a client unserved.
+        await _until(lambda: w.fresh_clients == 2, "second accept")
+        assert loop.time() - t0 >= _DEFER_MAX * 0.5
+        for c in clients:
+            c.close()
+        lsock.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_single_worker_never_defers() -> None:
+    async def main() -> None:
+        w, lsock = _worker(workers=1, warm=1)
+        assert not w._warm_pools
+        w._start_accepting()
+        clients = _connect(lsock.getsockname()[1], 4)
+        await _until(lambda: w.fresh_clients == 4, "all accepted")
+        assert w._deferred is None
+        for c in clients:
+            c.close()
+        lsock.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_first_request_resolves_fresh_client() -> None:
+    async def main() -> None:
+        w, lsock = _worker(workers=2, warm=4)
+        next(iter(w.pools.values())).idle.extend([object()] * 4)
+        w._start_accepting()
+        c = _connect(lsock.getsockname()[1], 1)[0]
+        await _until(lambda: w.fresh_clients == 1, "accept")
+        # A request the proxy refuses at once (origin-form without default_origin) still
+        # ends the client's "fresh" state.
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await _until(lambda: w.fresh_clients == 0, "first request begun")
+        c.close()
+        lsock.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
