@@ -331,13 +331,13 @@ class ClientConnection(asyncio.Protocol):
             stats.pool_misses += 1
             ostats.misses += 1
         self.reused = reused
-        self.t_conn = time.monotonic()
+        now = self.t_conn = time.monotonic()
         self.upstream = conn
         self.state = ClientState.ACTIVE
         conn.start(self, req.method, reused)
         if self.writing_paused:
             conn.pause_reading()
-        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
+        self.deadline = now + self.worker.timeouts.body_idle
         if self.retained is not None and self.retried:
             conn.writelines(self.retained)
             self._request_sent()
@@ -349,7 +349,8 @@ class ClientConnection(asyncio.Protocol):
             self._send_pending([head])
         if conn.writing_paused:
             self._pause(_PAUSE_UPSTREAM_FULL)
-        self._resume(_PAUSE_BUFFER_FULL)
+        if self.paused:
+            self._resume(_PAUSE_BUFFER_FULL)
 
     def on_pool_error(self, exc: errors.ProxyError) -> None:
         """No connection could be had."""
@@ -419,7 +420,7 @@ class ClientConnection(asyncio.Protocol):
     def _retain(self, parts: list[bytes]) -> None:
         if self.retained is None:
             return
-        self.retained_size += sum(len(p) for p in parts)
+        self.retained_size += len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         if self.retained_size > _RETAIN_LIMIT:
             self.retained = None
         else:
@@ -461,9 +462,26 @@ class ClientConnection(asyncio.Protocol):
                 # RFC 9110 §15.2: forward 1xx (100 Continue, 103 Early Hints) to 1.1 clients.
                 self._send(informational_head(head, self.worker.via(11)))
             return
+        self._send(self._final_head(head, req))
+
+    def on_whole_response(self, head: ResponseHead, body: bytes) -> None:
+        """A final response that arrived whole with its body (the common small response):
+        head and body go out in one write, then the exchange ends."""
+        out = self._out
+        out.append(self._final_head(head, self.req))  # type: ignore[arg-type]
+        if body:
+            n = len(body)
+            self.worker.stats.bytes_to_clients += n
+            self.bytes_out += n
+            out.append(body)
+        self._flush()
+        self.on_response_end([])
+
+    def _final_head(self, head: ResponseHead, req: RequestHead) -> bytes:
+        """Take a final response head: choose the client framing, return the head to send."""
         self.resp = head
         self.resp_started = True
-        self.t_head = time.monotonic()
+        now = self.t_head = time.monotonic()
         framing = head.framing
         if framing is Framing.CHUNKED or framing is Framing.CLOSE:
             # HTTP/1.0 clients cannot take chunked: send raw and close (RFC 9112 §7).
@@ -471,9 +489,9 @@ class ClientConnection(asyncio.Protocol):
         self.out_framing = framing
         if framing is Framing.CLOSE or not self.req_done or self.worker.draining:
             self.keep_alive = False  # say "close" now rather than close after a keep-alive
-        self.deadline = time.monotonic() + self.worker.timeouts.body_idle
-        self._send(client_response_head(
-            head, framing, self.keep_alive, req.version, self.worker.via(req.version)))
+        self.deadline = now + self.worker.timeouts.body_idle
+        return client_response_head(
+            head, framing, self.keep_alive, req.version, self.worker.via(req.version))
 
     def on_response_data(self, data: bytes) -> None:
         """A piece of response body."""
@@ -621,10 +639,11 @@ class ClientConnection(asyncio.Protocol):
         ostats.request_bytes += self.bytes_in
         ostats.response_bytes += self.bytes_out
         ostats.duration.observe(duration)
-        if self.t_conn:
-            ostats.wait.observe(self.t_conn - self.started)
+        t_conn = self.t_conn
+        if t_conn:
+            ostats.wait.observe(t_conn - self.started)
             if self.t_head:
-                ostats.ttfb.observe(self.t_head - self.t_conn)
+                ostats.ttfb.observe(self.t_head - t_conn)
         if error:
             ostats.errors[error] += 1
         if self.retried:
@@ -638,10 +657,10 @@ class ClientConnection(asyncio.Protocol):
         self._reset_exchange()
         self.state = ClientState.HEAD
         self.deadline = time.monotonic() + self.worker.timeouts.client_idle
-        if self.parser.done:
-            self.parser.start_next()
-        self._resume(_PAUSE_BUFFER_FULL)
-        if self.parser.buffered or self.parser.at_eof:
+        waiting = self.parser.next_message()
+        if self.paused:
+            self._resume(_PAUSE_BUFFER_FULL)
+        if waiting:
             self.head_started = True
             self.deadline = time.monotonic() + self.worker.timeouts.client_head
             self._process()

@@ -40,6 +40,9 @@ _FIELD_VALUE = rb"(?:[^\x00-\x20\x7f][^\x00-\x08\x0a-\x1f\x7f]*)?"
 _FIELD_ITEM = re.compile(rb"(?m)^(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb")\r\n")
 _FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
 _HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# The usual request line in one match; anything else goes through _parse_request_line,
+# which accepts exactly the same lines and names what is wrong with the others.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f-\xff]+) HTTP/1\.([01])")
 # RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]
 _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 # RFC 9112 §7.1.1: chunk-size [ chunk-ext ], chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] )
@@ -272,6 +275,26 @@ class _Parser:
             raise RuntimeError("start_next() before the current message is done")
         self._state = _State.HEAD
         self._scan_from = 0
+
+    def next_message(self) -> bool:
+        """After a message: start the next one and say whether bytes (or EOF) already wait.
+
+        The one-call form of ``if done: start_next()`` then ``buffered or at_eof`` for the
+        per-request hot path.
+        """
+        if self._state is _State.DONE:
+            self._state = _State.HEAD
+            self._scan_from = 0
+        return bool(self._buf) or self._eof
+
+    def clean_end(self) -> bool:
+        """True, and ready for the next message, if the current one ended with nothing
+        buffered after it and no EOF; False (state unchanged) otherwise."""
+        if self._state is not _State.DONE or self._buf or self._eof:
+            return False
+        self._state = _State.HEAD
+        self._scan_from = 0
+        return True
 
     # -- head -------------------------------------------------------------------------------
     def _find_head(self) -> bytes | None:
@@ -578,12 +601,18 @@ class RequestParser(_Parser):
 
     def _head_event(self) -> Event:
         try:
-            self._skip_leading_crlf()
-            if not self._buf:
+            buf = self._buf
+            if buf[:2] == b"\r\n":
+                self._skip_leading_crlf()
+                buf = self._buf
+            if not buf:
                 if self._eof:
                     return CLOSED
                 return NEED_DATA
-            self._check_request_line_length()
+            # A line of exactly ``limit`` bytes ends with CR LF at limit, limit + 1.
+            limit = self.limits.request_line
+            if len(buf) > limit + 1 and buf.find(b"\n", 0, limit + 2) == -1:
+                raise ParseError("request line too long", status=414)
             head = self._find_head()
             if head is None:
                 if self._eof:
@@ -602,21 +631,23 @@ class RequestParser(_Parser):
             self._leading_crlf += 1
             self._scan_from = 0  # positions moved: scan the rest from the start
 
-    def _check_request_line_length(self) -> None:
-        limit = self.limits.request_line
-        # A line of exactly ``limit`` bytes ends with CR LF at limit, limit + 1.
-        lf = self._buf.find(b"\n", 0, limit + 2)
-        if lf == -1 and len(self._buf) > limit + 1:
-            raise ParseError("request line too long", status=414)
-
     def _parse_head(self, head: bytes) -> RequestHead:
         first, sep, block = head.partition(b"\r\n")
-        method, target, version = _parse_request_line(first, self.limits.request_line)
+        m = _REQUEST_LINE.fullmatch(first) if len(first) <= self.limits.request_line else None
+        if m is not None:
+            method, target, minor = m.groups()
+            version = 11 if minor == b"1" else 10
+        else:
+            method, target, version = _parse_request_line(first, self.limits.request_line)
         lnames: list[bytes] = []
         raw = block + b"\r\n" if sep else b""
-        headers = self._parse_block(raw, lnames)
+        headers = self._parse_block(raw, lnames) if raw else []
         req = RequestHead(method, target, version, headers, lnames=lnames, raw_block=raw)
-        _request_framing(req)
+        if (b"content-length" in lnames or b"transfer-encoding" in lnames
+                or b"connection" in lnames):
+            _request_framing(req)
+        else:
+            req.keep_alive = version >= 11  # no body, no Connection (RFC 9112 §6.3, §9.3)
         self._leading_crlf = 0
         return req
 
@@ -709,6 +740,30 @@ class ResponseParser(_Parser):
             self._state = _State.ERROR
             raise
 
+    def whole_response(self) -> tuple[ResponseHead, bytes | None] | None:
+        """The common case in one step: the next final response, if its head is buffered.
+
+        Returns ``(head, body)`` when the head and its whole body (Content-Length, or no
+        body) are buffered with nothing after them: the parser is then past the message's
+        end, as after its :class:`EndOfMessage`. Returns ``(head, None)`` when only the head
+        could be taken (continue with :meth:`next_event`), and None when nothing was taken
+        (no complete head, an informational status, or not at a message start). A malformed
+        head raises :class:`ParseError` exactly as :meth:`next_event` would.
+        """
+        buf = self._buf
+        if (self._state is not _State.HEAD or self._eof or buf[9:10] == b"1"
+                or buf.find(b"\r\n\r\n") == -1):
+            return None
+        head = self._head_event()
+        if type(head) is not ResponseHead:
+            return None  # cannot happen for a complete head; next_event will tell
+        if self._state is _State.BODY_LENGTH and len(self._buf) == self._remaining:
+            body = self._take(self._remaining) if self._remaining else b""
+            self._remaining = 0
+            self._state = _State.DONE
+            return head, body
+        return head, None
+
     def _head_event(self) -> Event:
         if self._buf:
             self.seen_bytes = True
@@ -737,12 +792,13 @@ class ResponseParser(_Parser):
             raise ParseError("unsupported HTTP version in response")
         lnames: list[bytes] = []
         raw = block + b"\r\n" if sep else b""
-        headers = self._parse_block(raw, lnames)
-        version = 10 if m.group(2) == b"0" else 11
-        status = int(m.group(3))
+        headers = self._parse_block(raw, lnames) if raw else []
+        _, minor, code, reason = m.groups()
+        version = 10 if minor == b"0" else 11
+        status = int(code)
         if not 100 <= status <= 599:
             raise ParseError("status code out of range")  # RFC 9110 §15
-        resp = ResponseHead(status, m.group(4) or b"", version, headers, lnames=lnames,
+        resp = ResponseHead(status, reason or b"", version, headers, lnames=lnames,
                             raw_block=raw)
         _response_framing(resp, self._method)
         return resp

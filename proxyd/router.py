@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from .config import Config, OriginConfig
@@ -22,9 +21,11 @@ _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.S)
 _CACHE_SIZE = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class OriginKey:
-    """Identity of a pool: connections are only shared between equal keys."""
+class OriginKey(NamedTuple):
+    """Identity of a pool: connections are only shared between equal keys.
+
+    A tuple, so that the per-request pool lookup hashes and compares in C.
+    """
 
     host: str
     port: int

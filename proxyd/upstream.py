@@ -38,6 +38,7 @@ class Exchange(Protocol):
     """What an upstream connection reports to the request using it."""
 
     def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_whole_response(self, head: ResponseHead, body: bytes) -> None: ...
     def on_response_data(self, data: bytes) -> None: ...
     def on_response_end(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
     def on_upstream_error(self, exc: errors.ProxyError, retryable: bool) -> None: ...
@@ -83,8 +84,28 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the origin broke framing or is about to close.
             self.close("unexpected_data")
             return
-        self.parser.feed(data)
-        self._deliver(exchange)
+        parser = self.parser
+        parser.feed(data)
+        try:
+            whole = parser.whole_response()
+        except ParseError as exc:
+            self._fail(exchange, exc)
+            return
+        if whole is None:
+            self._deliver(exchange)
+            return
+        head, body = whole
+        if b"keep-alive" in head.lnames:
+            self._note_keep_alive(head)
+        if body is not None:
+            exchange.on_whole_response(head, body)
+            return
+        exchange.cork()
+        try:
+            exchange.on_response_head(head)
+            self._deliver_events(exchange)
+        finally:
+            exchange.uncork()
 
     def eof_received(self) -> bool:
         exchange = self.exchange
@@ -156,7 +177,7 @@ class UpstreamConnection(asyncio.Protocol):
             if type(event) is bytes:
                 exchange.on_response_data(event)
             elif type(event) is ResponseHead:
-                if event.status >= 200:
+                if event.status >= 200 and b"keep-alive" in event.lnames:
                     self._note_keep_alive(event)
                 exchange.on_response_head(event)
             elif type(event) is EndOfMessage:
@@ -218,11 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
         buffered (HAProxy's rule): anything else could hand one client's bytes to another.
         """
         self.exchange = None
-        parser = self.parser
-        if not parser.done or parser.buffered or parser.at_eof:
-            return False
-        parser.start_next()
-        return True
+        return self.parser.clean_end()
 
     def expired(self, now: float) -> str:
         """The reason this connection must not be reused now, or ""."""
