@@ -26,6 +26,7 @@ from .metrics import WorkerStats, merge
 from .policy import DestinationPolicy
 from .pool import Pool
 from .router import OriginKey, Route, Router
+from .transport import SocketTransport
 from .upstream import Connector, make_ssl_context
 
 log = logging.getLogger("proxyd.worker")
@@ -70,7 +71,6 @@ class Worker:
         self.host_rules = bool(dest.deny_hosts or dest.allow_hosts)
         self._stop = asyncio.Event()
         self.accepting = False
-        self._attaching = 0  # accepted sockets whose transport is being set up
         self._parent = os.getppid()
 
     def via(self, version: int) -> bytes:
@@ -140,8 +140,9 @@ class Worker:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
         for _ in range(_ACCEPT_BATCH):
-            if len(self.clients) + self._attaching >= self.limits.client_connections:
+            if len(self.clients) >= self.limits.client_connections:
                 self._stop_accepting()  # resumed by client_closed()
                 return
             try:
@@ -152,17 +153,14 @@ class Worker:
                 self._accept_failed(exc)
                 return
             conn.setblocking(False)
-            self._attaching += 1
-            asyncio.ensure_future(self._attach(conn))
-
-    async def _attach(self, conn: socket.socket) -> None:
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: ClientConnection(self), conn)
-        except OSError:
-            conn.close()
-        finally:
-            self._attaching -= 1
+            try:
+                # Without it a response head and body written apart wait for a delayed ACK.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (e.g. a Unix socket), or already reset: reading will tell
+            # Attached synchronously: no Task and no connect_accepted_socket() round trip,
+            # so a connection is in self.clients (and counts against the limit) at once.
+            SocketTransport(loop, conn, ClientConnection(self)).start()
 
     def _accept_failed(self, exc: OSError) -> None:
         self._stop_accepting()
@@ -237,7 +235,7 @@ class Worker:
                 if (client.state is ClientState.HEAD and not client.head_started
                         and (client.exchanges or time.monotonic() - client.opened > _FRESH_GRACE)):
                     client.check_deadline(float("inf"))
-            if not self.clients and not self._attaching:
+            if not self.clients:
                 break
             await asyncio.sleep(0.05)
         for client in list(self.clients):
