@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import socket
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -110,11 +109,7 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol: client side --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.proto != socket.IPPROTO_TCP:
-            # asyncio skips TCP_NODELAY when the listener was made with proto 0 (e.g. an
-            # inherited fd); without it a head and body written apart wait 40 ms for an ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY is set by Worker._accept on every accepted socket.
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if peer and not self.worker.access.client_allowed(peer[0]):

@@ -1,8 +1,10 @@
 """One upstream connection: its protocol, state, freshness, and connect-error mapping.
 
-An idle connection keeps reading (asyncio always reads unless paused), so EOF or stray bytes
-from the origin drop it at once instead of failing the next request. TLS 1.3 session tickets
-are consumed by the SSL object and never surface as data, so they do not count as stray.
+An idle connection keeps reading (its transport always reads unless paused), so EOF or stray
+bytes from the origin drop it at once instead of failing the next request. TLS 1.3 session
+tickets are consumed by the SSL object and never surface as data, so they do not count as
+stray. Connections run on :class:`~proxyd.transport.SocketTransport` over an ``SSLSocket``
+whose handshake :class:`Connector` drives itself, not on asyncio's SSL transport.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import errors
 from .policy import DestinationPolicy
 from .http1 import CLOSED, NEED_DATA, PAUSED, EndOfMessage, ParseError, ResponseHead, ResponseParser
+from .transport import SocketTransport
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -123,15 +126,20 @@ class UpstreamConnection(asyncio.Protocol):
         return False
 
     def _clean_close(self) -> bool:
-        """True unless TLS ended without close_notify (asyncio reports both as EOF)."""
+        """True unless TLS ended without close_notify."""
         if not self.pool.key.tls or self.transport is None:
             return True
+        # SocketTransport tells a close_notify from a bare TCP FIN as it reads the EOF.
+        clean = getattr(self.transport, "tls_clean_eof", None)
+        if clean is not None:
+            return clean
         sslobj = self.transport.get_extra_info("ssl_object")
         if sslobj is None:
             return True
         try:
-            # After close_notify the SSL object reads b""; after a bare TCP FIN it still
-            # wants data (asyncio never signals EOF to the BIO).
+            # Fallback for transports without the attribute (asyncio's SSL transport reports
+            # both as EOF): after close_notify the SSL object reads b""; after a bare TCP FIN
+            # it still wants data (asyncio never signals EOF to the BIO).
             return sslobj.read(1) == b""
         except ssl.SSLError:
             return False
@@ -334,21 +342,27 @@ class Connector:
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise map_connect_error(_unwrap_timeout(exc), key.host, key.port, "connect") from None
+            raise map_connect_error(exc, key.host, key.port, "connect") from None
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.handshake_timeout + 0.5):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(pool), sock=sock,
-                    ssl=self.ssl_context if key.tls else None,
-                    server_hostname=pool.server_hostname if key.tls else None,
-                    ssl_handshake_timeout=self.handshake_timeout if key.tls else None)
+            # Without it a request head and body written apart wait for a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if key.tls:
+                # The socket object is detached by wrap_socket: from here on close the
+                # SSLSocket, which owns the descriptor.
+                sock = self.ssl_context.wrap_socket(
+                    sock, server_hostname=pool.server_hostname, do_handshake_on_connect=False,
+                    suppress_ragged_eofs=False)
+                async with asyncio.timeout(self.handshake_timeout):
+                    await _tls_handshake(loop, sock)  # type: ignore[arg-type]
         except BaseException as exc:
             sock.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             stage = "TLS handshake" if key.tls else "connect"
-            raise map_connect_error(_unwrap_timeout(exc), key.host, key.port, stage) from None
+            raise map_connect_error(exc, key.host, key.port, stage) from None
+        conn = UpstreamConnection(pool)
+        SocketTransport(loop, sock, conn).start()
         return conn, time.monotonic() - started
 
     async def connect_tcp(self, loop: asyncio.AbstractEventLoop, host: str,
@@ -375,9 +389,40 @@ class Connector:
         raise last
 
 
-def _unwrap_timeout(exc: BaseException) -> BaseException:
-    # asyncio reports a handshake timeout as ConnectionAbortedError("SSL handshake is taking
-    # longer than ..."); treat it as the timeout it is.
-    if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
-        return TimeoutError(str(exc))
-    return exc
+async def _tls_handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> None:
+    """Run the TLS handshake of a non-blocking SSLSocket on the loop (no sslproto layer)."""
+    fd = sock.fileno()
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            readable = True
+        except ssl.SSLWantWriteError:
+            readable = False
+        except ssl.SSLEOFError:
+            # The origin closed the TCP connection mid-handshake: report it as a close, as
+            # asyncio did, rather than as a protocol violation.
+            raise ConnectionResetError("connection closed during the TLS handshake") from None
+        await _wait_ready(loop, fd, readable)
+
+
+async def _wait_ready(loop: asyncio.AbstractEventLoop, fd: int, readable: bool) -> None:
+    """Wait until ``fd`` is readable (or writable); the callback is always removed."""
+    waiter = loop.create_future()
+    if readable:
+        loop.add_reader(fd, _wake, waiter)
+    else:
+        loop.add_writer(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        if readable:
+            loop.remove_reader(fd)
+        else:
+            loop.remove_writer(fd)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

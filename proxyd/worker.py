@@ -26,6 +26,7 @@ from .metrics import WorkerStats, merge
 from .policy import DestinationPolicy
 from .pool import Pool
 from .router import OriginKey, Route, Router
+from .transport import SocketTransport
 from .upstream import Connector, make_ssl_context
 
 log = logging.getLogger("proxyd.worker")
@@ -74,7 +75,6 @@ class Worker:
         self.host_rules = bool(dest.deny_hosts or dest.allow_hosts)
         self._stop = asyncio.Event()
         self.accepting = False
-        self._attaching = 0  # accepted sockets whose transport is being set up
         # Accept balancing across workers (only with more than one worker).
         self.fresh_clients = 0  # accepted clients whose first request has not begun
         self._balance = cfg.worker_count > 1
@@ -154,8 +154,9 @@ class Worker:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
         for _ in range(_ACCEPT_BATCH):
-            if len(self.clients) + self._attaching >= self.limits.client_connections:
+            if len(self.clients) >= self.limits.client_connections:
                 self._stop_accepting()  # resumed by client_closed()
                 return
             if self._warm_pools and not self._has_warm_capacity() and not self._overflowing():
@@ -169,17 +170,14 @@ class Worker:
                 self._accept_failed(exc)
                 return
             conn.setblocking(False)
-            self._attaching += 1
-            asyncio.ensure_future(self._attach(conn))
-
-    async def _attach(self, conn: socket.socket) -> None:
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: ClientConnection(self), conn)
-        except OSError:
-            conn.close()
-        finally:
-            self._attaching -= 1
+            try:
+                # Without it a response head and body written apart wait for a delayed ACK.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # not TCP (e.g. a Unix socket), or already reset: reading will tell
+            # Attached synchronously: no Task and no connect_accepted_socket() round trip,
+            # so a connection is in self.clients (and counts against the limit) at once.
+            SocketTransport(loop, conn, ClientConnection(self)).start()
 
     # Accept balancing. Workers share one listening socket and the kernel hands a burst of
     # new connections to whichever wakes first, so one worker could take 23 of 32 first
@@ -191,7 +189,7 @@ class Worker:
         idle = 0
         for pool in self._warm_pools:
             idle += len(pool.idle)
-        return idle > self.fresh_clients + self._attaching
+        return idle > self.fresh_clients
 
     def _overflowing(self) -> bool:
         # After a deferral ran out, the other workers are as busy: accept without holding
@@ -293,7 +291,7 @@ class Worker:
                 if (client.state is ClientState.HEAD and not client.head_started
                         and (client.exchanges or time.monotonic() - client.opened > _FRESH_GRACE)):
                     client.check_deadline(float("inf"))
-            if not self.clients and not self._attaching:
+            if not self.clients:
                 break
             await asyncio.sleep(0.05)
         for client in list(self.clients):

@@ -1,0 +1,523 @@
+"""A lean asyncio-compatible transport over a non-blocking socket, plain TCP or TLS.
+
+Why: asyncio's selector transport and, above all, its SSL layer (``sslproto``: a MemoryBIO
+pair shuffled by several Python methods per read and per write) cost a measurable share of
+proxyd's CPU per request. Here the socket is driven directly from ``loop.add_reader`` /
+``loop.add_writer`` callbacks, and TLS goes through ``ssl.SSLSocket`` on the socket itself,
+so OpenSSL reads and writes the kernel socket with no Python copy in between.
+
+Only the subset of :class:`asyncio.Transport` that proxyd uses is implemented, with
+asyncio's semantics: ``write``/``writelines``, ``close`` (flush, then close), ``abort``,
+``is_closing``, ``pause_reading``/``resume_reading``, ``write_eof``/``can_write_eof``,
+``get_extra_info`` (``socket``, ``peername``, ``sockname``, ``ssl_object``), the write
+buffer size and limits; and the protocol callbacks ``connection_made``, ``data_received``,
+``eof_received`` (a truthy answer keeps the connection open for writing),
+``pause_writing``/``resume_writing`` at asyncio's water marks and ``connection_lost``
+(exactly once, always from a fresh loop callback).
+
+Differences from asyncio that are deliberate:
+
+* ``connection_made`` runs synchronously inside :meth:`SocketTransport.start`.
+* Closing a TLS transport sends close_notify if the socket takes it at once and never waits
+  for the peer's (asyncio waits up to 30 s); the socket is closed as soon as the write
+  buffer is flushed, before ``connection_lost`` runs.
+* ``eof_received`` returning true keeps a TLS transport open too (asyncio ignores it).
+* ``write`` after ``write_eof`` is dropped like one after ``close`` (asyncio raises).
+* TLS EOF tells a clean close_notify from a bare TCP close: :attr:`tls_clean_eof`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import Any
+
+log = logging.getLogger("proxyd")
+
+_READ_SIZE = 262144      # bytes asked of one recv (asyncio's max_size)
+_READ_BUDGET = 262144    # decrypted bytes gathered per TLS read pass before yielding
+_TLS_PIECE = 262144      # most bytes handed to one SSL_write, so a retried piece stays bounded
+_HIGH_WATER = 65536      # asyncio's default write-buffer limits
+_LOW_WATER = _HIGH_WATER // 4
+
+
+class SocketTransport(asyncio.Transport):
+    """An asyncio transport over a connected non-blocking ``socket.socket`` or
+    ``ssl.SSLSocket`` (already handshaked, made with ``do_handshake_on_connect=False``
+    and ``suppress_ragged_eofs=False``).
+
+    Usage: ``SocketTransport(loop, sock, protocol).start()``.
+    """
+
+    __slots__ = (
+        "_loop", "_sock", "_fd", "_protocol", "_tls", "_buf", "_piece", "_high", "_low",
+        "_closing", "_closed", "_paused", "_eof", "_eof_pending", "_eof_written",
+        "_protocol_paused", "_reader_on", "_writer_on", "_read_wants_write",
+        "_write_wants_read", "_peername", "_sockname", "tls_clean_eof")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 protocol: asyncio.BaseProtocol) -> None:
+        self._extra = None  # asyncio.BaseTransport's slot; extras come from get_extra_info
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol: Any = protocol
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._buf = bytearray()           # bytes not yet handed to send()
+        self._piece: bytes | None = None  # TLS: the piece SSL_write must be retried with
+        self._high = _HIGH_WATER
+        self._low = _LOW_WATER
+        self._closing = False        # close() or abort() was called, or a fatal error hit
+        self._closed = False         # the socket is closed and connection_lost scheduled
+        self._paused = False         # pause_reading()
+        self._eof = False            # the peer's EOF was read
+        self._eof_pending = False    # ... but not yet delivered (reading was paused)
+        self._eof_written = False    # write_eof()
+        self._protocol_paused = False
+        self._reader_on = False
+        self._writer_on = False
+        self._read_wants_write = False  # TLS: SSL_read needs the socket writable
+        self._write_wants_read = False  # TLS: SSL_write needs the socket readable
+        self._peername: Any = None
+        self._sockname: Any = None
+        # TLS only: None until EOF, then True for a close_notify, False for a bare TCP close
+        # (RFC 9112 §9.8: a close-delimited body is then possibly truncated).
+        self.tls_clean_eof: bool | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "closing" if self._closing else "open"
+        return (f"<SocketTransport fd={self._fd} {'tls' if self._tls else 'tcp'} {state} "
+                f"buffered={self.get_write_buffer_size()}>")
+
+    def start(self) -> SocketTransport:
+        """Call ``connection_made`` and start reading; returns the transport."""
+        try:
+            self._protocol.connection_made(self)
+        except Exception as exc:  # noqa: BLE001 - a protocol bug must not kill the loop
+            self._callback_failed("connection_made", exc)
+            return self
+        if not self._closing:
+            self._sync()
+            if self._tls and self._sock.pending():
+                # Defensive: data already decrypted inside OpenSSL would wake no epoll.
+                self._loop.call_soon(self._read_again)
+        return self
+
+    # -- readiness bookkeeping ----------------------------------------------------------------
+    def _sync(self) -> None:
+        """Register exactly the reader/writer callbacks the current state needs.
+
+        Registration is tracked so that the hot path (a send that completes, a read) never
+        touches the selector: ``add_reader`` costs a Handle and an epoll_ctl each time.
+        """
+        if self._closed:
+            return
+        reading = not (self._paused or self._closing or self._eof)
+        want_r = (reading and not self._read_wants_write) or self._write_wants_read
+        want_w = (((self._piece is not None or len(self._buf) > 0) and not self._write_wants_read)
+                  or (reading and self._read_wants_write))
+        loop = self._loop
+        if want_r is not self._reader_on:
+            self._reader_on = want_r
+            if want_r:
+                loop.add_reader(self._fd, self._tls_readable if self._tls else self._read_plain)
+            else:
+                loop.remove_reader(self._fd)
+        if want_w is not self._writer_on:
+            self._writer_on = want_w
+            if want_w:
+                loop.add_writer(self._fd, self._tls_writable if self._tls else self._write_plain)
+            else:
+                loop.remove_writer(self._fd)
+
+    # -- reading ------------------------------------------------------------------------------
+    def _read_plain(self) -> None:
+        if self._closing:
+            return
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except Exception as exc:  # noqa: BLE001 - OSError: reset etc.; anything else is a bug
+            self._fatal(exc)
+            return
+        if data:
+            try:
+                self._protocol.data_received(data)
+            except Exception as exc:  # noqa: BLE001
+                self._callback_failed("data_received", exc)
+        else:
+            self._on_eof(None)
+
+    def _tls_readable(self) -> None:
+        if self._write_wants_read:
+            # A pending SSL_write was waiting for the peer's bytes (e.g. a key update).
+            self._write_wants_read = False
+            self._flush_tls()
+            if self._closed:
+                return
+            self._sync()
+        if not (self._paused or self._closing or self._eof or self._read_wants_write):
+            self._read_tls()
+
+    def _read_again(self) -> None:
+        """A scheduled TLS read pass (decrypted bytes were left inside OpenSSL)."""
+        if not (self._paused or self._closing or self._eof or self._read_wants_write):
+            self._read_tls()
+
+    def _read_tls(self) -> None:
+        # OpenSSL returns at most one record per SSL_read, and a record it has taken off the
+        # socket is invisible to epoll: keep reading until it wants more bytes from the
+        # kernel, then deliver everything as one data_received.
+        sock = self._sock
+        chunks: list[bytes] = []
+        total = 0
+        eof: bool | None = None
+        error: Exception | None = None
+        try:
+            while True:
+                data = sock.recv(_READ_SIZE)
+                if not data:
+                    eof = True  # close_notify (a ragged close raises SSLEOFError)
+                    break
+                chunks.append(data)
+                total += len(data)
+                if total >= _READ_BUDGET:
+                    # Yield to other connections; the rest of the stream is either in the
+                    # kernel (epoll fires again) or inside OpenSSL (read again soon).
+                    if sock.pending():
+                        self._loop.call_soon(self._read_again)
+                    break
+        except ssl.SSLWantReadError:
+            pass  # drained; also what a TLS 1.3 session ticket alone looks like
+        except ssl.SSLWantWriteError:
+            self._read_wants_write = True
+            self._sync()
+        except ssl.SSLEOFError:
+            eof = False
+        except (BlockingIOError, InterruptedError):
+            pass
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        if chunks:
+            try:
+                self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except Exception as exc:  # noqa: BLE001
+                self._callback_failed("data_received", exc)
+                return
+            if self._closing:
+                return
+        if error is not None:
+            self._fatal(error)
+        elif eof is not None:
+            self._on_eof(eof)
+
+    def _on_eof(self, clean: bool | None) -> None:
+        if self._tls:
+            self.tls_clean_eof = clean
+        self._eof = True
+        if self._paused:
+            # Only TLS can get here (EOF read in the same pass as data that paused us):
+            # hold the EOF back until reading resumes, as asyncio would.
+            self._eof_pending = True
+            self._sync()
+            return
+        self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        self._eof_pending = False
+        self._sync()  # no more reading
+        try:
+            keep_open = self._protocol.eof_received()
+        except Exception as exc:  # noqa: BLE001
+            self._callback_failed("eof_received", exc)
+            return
+        if not keep_open:
+            self.close()
+
+    def _eof_soon(self) -> None:
+        if self._eof_pending and not (self._paused or self._closing):
+            self._deliver_eof()
+
+    def pause_reading(self) -> None:
+        """Stop calling ``data_received`` until :meth:`resume_reading`."""
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        self._sync()
+
+    def resume_reading(self) -> None:
+        """Read again after :meth:`pause_reading`."""
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        if self._eof_pending:
+            self._loop.call_soon(self._eof_soon)
+        elif self._tls and not self._eof and self._sock.pending():
+            self._loop.call_soon(self._read_again)
+        self._sync()
+
+    # -- writing ------------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` now as far as the socket takes it; buffer the rest."""
+        if self._closing or self._eof_written or not data:
+            return
+        if self._piece is not None or self._buf:
+            self._buf.extend(data)
+            self._maybe_pause()
+            return
+        if self._tls:
+            if len(data) <= _TLS_PIECE:
+                try:
+                    self._sock.send(data)
+                    return  # partial writes are off: all of it became TLS records
+                except ssl.SSLWantWriteError:
+                    pass
+                except ssl.SSLWantReadError:
+                    self._write_wants_read = True
+                except Exception as exc:  # noqa: BLE001
+                    self._fatal(exc)
+                    return
+                # SSL_write must be retried with this very piece (same bytes, same length).
+                self._piece = data if type(data) is bytes else bytes(data)
+            else:
+                self._buf.extend(data)
+                self._flush_tls()
+                self._maybe_pause()
+                return
+        else:
+            try:
+                n = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except Exception as exc:  # noqa: BLE001
+                self._fatal(exc)
+                return
+            if n == len(data):
+                return
+            self._buf.extend(memoryview(data)[n:])
+        self._sync()
+        self._maybe_pause()
+
+    def writelines(self, list_of_data: Any) -> None:
+        """Join, then one :meth:`write` (over TLS: one SSL_write, so one record)."""
+        self.write(b"".join(list_of_data))
+
+    def _write_plain(self) -> None:
+        if self._closed:
+            return
+        buf = self._buf
+        try:
+            n = self._sock.send(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._fatal(exc)
+            return
+        if n:
+            del buf[:n]
+        if buf:
+            self._maybe_resume()
+        else:
+            self._write_done()
+
+    def _tls_writable(self) -> None:
+        if self._read_wants_write:
+            self._read_wants_write = False
+            if not (self._paused or self._closing or self._eof):
+                self._read_tls()
+            if self._closed:
+                return
+            self._sync()
+        if (self._piece is not None or self._buf) and not self._write_wants_read:
+            self._flush_tls()
+
+    def _flush_tls(self) -> None:
+        sock = self._sock
+        buf = self._buf
+        while True:
+            piece = self._piece
+            if piece is None:
+                if not buf:
+                    break
+                if len(buf) <= _TLS_PIECE:
+                    piece = bytes(buf)
+                    buf.clear()
+                else:
+                    piece = bytes(buf[:_TLS_PIECE])
+                    del buf[:_TLS_PIECE]
+                self._piece = piece
+            try:
+                sock.send(piece)
+            except ssl.SSLWantWriteError:
+                self._sync()
+                self._maybe_resume()
+                return
+            except ssl.SSLWantReadError:
+                self._write_wants_read = True
+                self._sync()
+                self._maybe_resume()
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._fatal(exc)
+                return
+            self._piece = None
+        self._write_done()
+
+    def _write_done(self) -> None:
+        """The write buffer just emptied."""
+        self._sync()
+        self._maybe_resume()
+        if self._closing:
+            self._finish_close()
+        elif self._eof_written:
+            self._shutdown_write()
+
+    def _maybe_pause(self) -> None:
+        if not self._protocol_paused and self.get_write_buffer_size() > self._high:
+            self._protocol_paused = True
+            try:
+                self._protocol.pause_writing()
+            except Exception:  # noqa: BLE001
+                log.exception("protocol.pause_writing() failed")
+
+    def _maybe_resume(self) -> None:
+        if self._protocol_paused and self.get_write_buffer_size() <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception:  # noqa: BLE001
+                log.exception("protocol.resume_writing() failed")
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes accepted by :meth:`write` and not yet taken by the socket."""
+        piece = self._piece
+        return len(self._buf) + (len(piece) if piece is not None else 0)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        """``(low, high)`` water marks."""
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """Set the water marks for ``pause_writing``/``resume_writing`` (asyncio's rules)."""
+        if high is None:
+            high = _HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        self._maybe_pause()
+
+    def can_write_eof(self) -> bool:
+        """Plain TCP can half-close; TLS cannot (close_notify closes both directions)."""
+        return not self._tls
+
+    def write_eof(self) -> None:
+        """Half-close: shut the sending side down once the buffer is flushed."""
+        if self._tls:
+            raise NotImplementedError("TLS transports do not support half-close")
+        if self._closing or self._eof_written:
+            return
+        self._eof_written = True
+        if not self._buf:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the connection is already gone; reading will tell the protocol
+
+    # -- closing ------------------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop reading, flush what is buffered, then close; ``connection_lost(None)``."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._piece is not None or self._buf:
+            self._sync()  # reader off; the writer finishes the job
+        else:
+            self._finish_close()
+
+    def abort(self) -> None:
+        """Close now; buffered data is dropped and no close_notify is sent."""
+        if not self._closed:
+            self._teardown(None)
+
+    def _finish_close(self) -> None:
+        if self._tls:
+            # One non-blocking SSL_shutdown sends close_notify if the socket takes it; the
+            # peer's reply (SSLWantReadError) is not waited for.
+            sslobj = getattr(self._sock, "_sslobj", None)
+            if sslobj is not None:
+                try:
+                    sslobj.shutdown()
+                except (ssl.SSLError, OSError, ValueError):
+                    pass
+        self._teardown(None)
+
+    def _fatal(self, exc: BaseException) -> None:
+        if not isinstance(exc, OSError):  # resets, broken pipes and TLS alerts are routine
+            log.error("fatal error on %r", self, exc_info=exc)
+        if not self._closed:
+            self._teardown(exc)
+
+    def _callback_failed(self, name: str, exc: BaseException) -> None:
+        log.error("protocol.%s() failed; aborting the connection", name, exc_info=exc)
+        if not self._closed:
+            self._teardown(exc)
+
+    def _teardown(self, exc: BaseException | None) -> None:
+        """Unregister, close the socket, schedule ``connection_lost`` (once)."""
+        self._closing = True
+        self._closed = True
+        loop = self._loop
+        if self._reader_on:
+            self._reader_on = False
+            loop.remove_reader(self._fd)
+        if self._writer_on:
+            self._writer_on = False
+            loop.remove_writer(self._fd)
+        self._buf.clear()
+        self._piece = None
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        protocol, self._protocol = self._protocol, None  # break the protocol <-> transport cycle
+        try:
+            protocol.connection_lost(exc)
+        except Exception:  # noqa: BLE001
+            log.exception("protocol.connection_lost() failed")
+
+    # -- information --------------------------------------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``socket``, ``peername``, ``sockname`` or ``ssl_object`` (the SSLSocket)."""
+        if name == "socket":
+            return self._sock
+        if name == "peername":
+            if self._peername is None:
+                try:
+                    self._peername = self._sock.getpeername()
+                except OSError:
+                    return default
+            return self._peername
+        if name == "sockname":
+            if self._sockname is None:
+                try:
+                    self._sockname = self._sock.getsockname()
+                except OSError:
+                    return default
+            return self._sockname
+        if name == "ssl_object":
+            return self._sock if self._tls else default
+        return default
