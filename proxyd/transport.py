@@ -37,6 +37,7 @@ from typing import Any
 log = logging.getLogger("proxyd")
 
 _READ_SIZE = 262144      # bytes asked of one recv (asyncio's max_size)
+_TLS_RECORD = 16384  # largest TLS plaintext record (RFC 8446 §5.1)
 _READ_BUDGET = 262144    # decrypted bytes gathered per TLS read pass before yielding
 _TLS_PIECE = 262144      # most bytes handed to one SSL_write, so a retried piece stays bounded
 _HIGH_WATER = 65536      # asyncio's default write-buffer limits
@@ -172,18 +173,29 @@ class SocketTransport(asyncio.Transport):
         # socket is invisible to epoll: keep reading until it wants more bytes from the
         # kernel, then deliver everything as one data_received.
         sock = self._sock
+        # SSLSocket.recv() is two Python frames around the C object's read(); with
+        # suppress_ragged_eofs off they behave the same, so call the C read directly.
+        sslobj = getattr(sock, "_sslobj", None)
+        read = sslobj.read if sslobj is not None else sock.recv
         chunks: list[bytes] = []
         total = 0
         eof: bool | None = None
         error: Exception | None = None
         try:
             while True:
-                data = sock.recv(_READ_SIZE)
+                data = read(_READ_SIZE)
                 if not data:
                     eof = True  # close_notify (a ragged close raises SSLEOFError)
                     break
                 chunks.append(data)
-                total += len(data)
+                n = len(data)
+                total += n
+                if n < _TLS_RECORD and not sock.pending():
+                    # A short record ends what the peer wrote in one go (a small response
+                    # is one record): skip the read that would only say "want more", a
+                    # syscall and an exception. A record already in the kernel buffer
+                    # still wakes epoll, which is level-triggered.
+                    break
                 if total >= _READ_BUDGET:
                     # Yield to other connections; the rest of the stream is either in the
                     # kernel (epoll fires again) or inside OpenSSL (read again soon).
