@@ -17,6 +17,9 @@ import sys
 import time
 
 _FLUSH_AT = 65536
+# One %-format of a tuple: cheaper than the equivalent f-string with 15 fields.
+_LINE = ("ts=%s %sclient=%s method=%s origin=%s path=%s status=%d bytes_in=%d bytes_out=%d "
+         "duration_ms=%.3f wait_ms=%.3f ttfb_ms=%.3f warm=%d retried=%d error=%s\n")
 
 
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
@@ -59,11 +62,9 @@ class AccessLog:
         o = quoted.get(origin)
         if o is None:
             o = self._remember(origin, _quote(origin))
-        line = (f"ts={self._timestamp()} {self._prefix}client={client} method={m} origin={o} "
-                f"path={_quote(path.decode('latin-1'))} status={status} bytes_in={bytes_in} "
-                f"bytes_out={bytes_out} duration_ms={duration * 1000:.3f} "
-                f"wait_ms={wait * 1000:.3f} ttfb_ms={ttfb * 1000:.3f} warm={int(warm)} "
-                f"retried={int(retried)} error={error or '-'}\n")
+        line = _LINE % (self._timestamp(), self._prefix, client, m, o,
+                        _quote(path.decode("latin-1")), status, bytes_in, bytes_out,
+                        duration * 1000, wait * 1000, ttfb * 1000, warm, retried, error or "-")
         self._lines.append(line)
         self._size += len(line)
         if self._size >= _FLUSH_AT:

@@ -368,6 +368,9 @@ class ClientConnection(asyncio.Protocol):
         ``pending`` is bounded by pausing the client at ``limits.body_buffer``.
         """
         parser = self.parser
+        if not self.body_read and parser.skip_empty_body():
+            self.body_read = True  # no body: nothing to frame or forward (not chunked)
+            return True
         while not self.body_read:
             try:
                 event = parser.next_event()

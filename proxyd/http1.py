@@ -287,6 +287,14 @@ class _Parser:
             self._scan_from = 0
         return bool(self._buf) or self._eof
 
+    def skip_empty_body(self) -> bool:
+        """If the message just parsed has no body, consume its :class:`EndOfMessage` and
+        return True (the parser is then past the message end); False otherwise."""
+        if self._state is _State.BODY_LENGTH and self._remaining == 0:
+            self._state = _State.DONE
+            return True
+        return False
+
     def clean_end(self) -> bool:
         """True, and ready for the next message, if the current one ended with nothing
         buffered after it and no EOF; False (state unchanged) otherwise."""
