@@ -70,11 +70,20 @@ class Access:
         self.users = users
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode()
         self._verified: dict[bytes, str | None] = {}  # sha256(header) -> user or None
+        # Client address -> verdict: parsing an address with ipaddress costs more than the
+        # rest of accepting a connection, and clients come back (bounded; cleared when full).
+        self._client_verdicts: dict[str, bool] = {}
 
     def client_allowed(self, ip: str) -> bool:
         """True when the client's address is in an allowed network."""
-        addr = address(ip)
-        return any(addr in net for net in self.networks)
+        verdict = self._client_verdicts.get(ip)
+        if verdict is None:
+            addr = address(ip)
+            verdict = any(addr in net for net in self.networks)
+            if len(self._client_verdicts) >= _CACHE_SIZE:
+                self._client_verdicts.clear()
+            self._client_verdicts[ip] = verdict
+        return verdict
 
     def authenticate(self, header: bytes | None) -> str:
         """The user named by a valid ``Proxy-Authorization``, else a 407 ProxyError."""

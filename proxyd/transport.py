@@ -92,8 +92,12 @@ class SocketTransport(asyncio.Transport):
         return (f"<SocketTransport fd={self._fd} {'tls' if self._tls else 'tcp'} {state} "
                 f"buffered={self.get_write_buffer_size()}>")
 
-    def start(self) -> SocketTransport:
-        """Call ``connection_made`` and start reading; returns the transport."""
+    def start(self, read_now: bool = False) -> SocketTransport:
+        """Call ``connection_made`` and start reading; returns the transport.
+
+        ``read_now`` tries one read at once (plain sockets): a client that just connected
+        has usually sent its request already, which then needs no extra loop wake-up.
+        """
         try:
             self._protocol.connection_made(self)
         except Exception as exc:  # noqa: BLE001 - a protocol bug must not kill the loop
@@ -101,6 +105,9 @@ class SocketTransport(asyncio.Transport):
             return self
         if not self._closing:
             self._sync()
+            if read_now and not self._tls and self._reader_on:
+                self._read_plain()
+                return self
             if self._tls and self._sock.pending():
                 # Defensive: data already decrypted inside OpenSSL would wake no epoll.
                 self._loop.call_soon(self._read_again)

@@ -177,7 +177,7 @@ class Worker:
                 pass  # not TCP (e.g. a Unix socket), or already reset: reading will tell
             # Attached synchronously: no Task and no connect_accepted_socket() round trip,
             # so a connection is in self.clients (and counts against the limit) at once.
-            SocketTransport(loop, conn, ClientConnection(self)).start()
+            SocketTransport(loop, conn, ClientConnection(self)).start(read_now=True)
 
     # Accept balancing. Workers share one listening socket and the kernel hands a burst of
     # new connections to whichever wakes first, so one worker could take 23 of 32 first
