@@ -690,9 +690,24 @@ class ClientConnection(asyncio.Protocol):
         if self._out:
             self._flush()
         if self.state is not ClientState.CLOSED:
+            lingering = self._peer_may_send()
             self.state = ClientState.CLOSED
-            if self.transport is not None:
-                self.transport.close()
+            transport = self.transport
+            if transport is not None:
+                if lingering and hasattr(transport, "close_lingering"):
+                    transport.close_lingering()
+                else:
+                    transport.close()
+
+    def _peer_may_send(self) -> bool:
+        """True when the client may still be sending: unparsed bytes, a request body not
+        read to its end, or a partial head (closing then could reset our answer away)."""
+        state = self.state
+        if self.parser.buffered:
+            return True
+        if state is ClientState.HEAD:
+            return self.head_started
+        return state is not ClientState.TUNNEL and self.req is not None and not self.body_read
 
     def check_deadline(self, now: float) -> None:
         """Called periodically: enforce the timeout of the current state."""

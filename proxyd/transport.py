@@ -40,6 +40,7 @@ _READ_SIZE = 262144      # bytes asked of one recv (asyncio's max_size)
 _TLS_RECORD = 16384  # largest TLS plaintext record (RFC 8446 §5.1)
 _READ_BUDGET = 262144    # decrypted bytes gathered per TLS read pass before yielding
 _TLS_PIECE = 262144      # most bytes handed to one SSL_write, so a retried piece stays bounded
+_LINGER_TIME = 2.0       # longest a lingering close reads and drops the peer's bytes
 _HIGH_WATER = 65536      # asyncio's default write-buffer limits
 _LOW_WATER = _HIGH_WATER // 4
 
@@ -56,7 +57,8 @@ class SocketTransport(asyncio.Transport):
         "_loop", "_sock", "_fd", "_protocol", "_tls", "_buf", "_piece", "_high", "_low",
         "_closing", "_closed", "_paused", "_eof", "_eof_pending", "_eof_written",
         "_protocol_paused", "_reader_on", "_writer_on", "_read_wants_write",
-        "_write_wants_read", "_peername", "_sockname", "tls_clean_eof")
+        "_write_wants_read", "_peername", "_sockname", "tls_clean_eof", "_linger",
+        "_linger_timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  protocol: asyncio.BaseProtocol) -> None:
@@ -83,6 +85,8 @@ class SocketTransport(asyncio.Transport):
         self._write_wants_read = False  # TLS: SSL_write needs the socket readable
         self._peername: Any = None
         self._sockname: Any = None
+        self._linger = False
+        self._linger_timer: asyncio.TimerHandle | None = None
         # TLS only: None until EOF, then True for a close_notify, False for a bare TCP close
         # (RFC 9112 §9.8: a close-delimited body is then possibly truncated).
         self.tls_clean_eof: bool | None = None
@@ -464,12 +468,28 @@ class SocketTransport(asyncio.Transport):
         else:
             self._finish_close()
 
+    def close_lingering(self) -> None:
+        """:meth:`close` for a peer that may still be sending (a request body left unread).
+
+        Closing a socket with unread bytes makes the kernel answer with a reset, and a reset
+        can destroy the response the peer has not read yet. So, as nginx's lingering_close
+        does, after the flush only our side is shut down (FIN), and the peer's bytes are read
+        and dropped until it closes or ``_LINGER_TIME`` passes; ``connection_lost`` comes
+        when the socket is finally closed. TLS and a peer that already closed: plain close.
+        """
+        if not (self._tls or self._eof):
+            self._linger = True
+        self.close()
+
     def abort(self) -> None:
         """Close now; buffered data is dropped and no close_notify is sent."""
         if not self._closed:
             self._teardown(None)
 
     def _finish_close(self) -> None:
+        if self._linger and not self._closed:
+            self._start_linger()
+            return
         if self._tls:
             # One non-blocking SSL_shutdown sends close_notify if the socket takes it; the
             # peer's reply (SSLWantReadError) is not waited for.
@@ -480,6 +500,31 @@ class SocketTransport(asyncio.Transport):
                 except (ssl.SSLError, OSError, ValueError):
                     pass
         self._teardown(None)
+
+    def _start_linger(self) -> None:
+        self._linger = False
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._teardown(None)
+            return
+        loop = self._loop
+        if self._writer_on:
+            self._writer_on = False
+            loop.remove_writer(self._fd)
+        self._reader_on = True
+        loop.add_reader(self._fd, self._linger_read)  # replaces any reader callback
+        self._linger_timer = loop.call_later(_LINGER_TIME, self._teardown, None)
+
+    def _linger_read(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data and not self._closed:
+            self._teardown(None)  # the peer closed (or reset): done lingering
 
     def _fatal(self, exc: BaseException) -> None:
         if not isinstance(exc, OSError):  # resets, broken pipes and TLS alerts are routine
@@ -497,6 +542,9 @@ class SocketTransport(asyncio.Transport):
         self._closing = True
         self._closed = True
         loop = self._loop
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self._reader_on:
             self._reader_on = False
             loop.remove_reader(self._fd)

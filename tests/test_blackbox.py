@@ -899,3 +899,47 @@ def test_request_to_own_listener_is_a_loop(proxyd):
     r, body = get(p.port, f"http://127.0.0.1:{p.port}/x")
     assert r.status in (508, 400), r.status  # Via or the own-address check stops it
     assert proxy_status(r.headers)
+
+
+def test_rejected_request_is_answered_before_a_clean_close_while_the_client_still_sends(proxyd):
+    """A client still sending when proxyd refuses its request (here a malformed head followed
+    by a stream of bytes) gets the 400 and then a clean FIN, not a reset: proxyd closes with
+    a lingering close (shut its side, drop the client's bytes until it closes)."""
+    p = proxyd(workers=1)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT)
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        chunk = b"x" * 65536
+        try:
+            while not stop.is_set():
+                s.sendall(chunk)
+        except OSError:
+            pass
+
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    # More than proxyd reads at once, so bytes are still unread when it refuses the request.
+    s.sendall(b"GET http://localhost:1/ HTTP/1.1\r\nHost: localhost:1\r\nBad Header: x\r\n\r\n"
+              + b"x" * (1 << 20))
+    sender = threading.Thread(target=keep_sending, daemon=True)
+    sender.start()
+    data = b""
+    ending = "timeout"
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                ending = "eof"
+                break
+            data += chunk
+    except ConnectionResetError:
+        ending = "reset"
+    except socket.timeout:
+        pass
+    finally:
+        stop.set()
+        s.close()
+        sender.join(IO_TIMEOUT)
+    assert data.startswith(b"HTTP/1.1 400 "), data[:100]
+    assert b"Proxy-Status: proxyd; error=http_request_error" in data
+    assert ending == "eof"

@@ -292,6 +292,41 @@ async def test_abort_drops_buffered_data() -> None:
 
 
 @run
+async def test_close_lingering_sends_fin_and_drops_the_peers_bytes() -> None:
+    c, s = tcp_socks()
+    pc = Rec()
+    tc = attach(c, pc)
+    tc.pause_reading()
+    s.sendall(b"u" * 100000)  # the peer is still sending: unread bytes at close time
+    tc.write(b"answer")
+    tc.close_lingering()
+    # The peer reads the answer and then a clean FIN, not a reset ...
+    assert await read_all(s) == b"answer"
+    # ... while the transport keeps reading (and dropping) until the peer closes.
+    await spin()
+    assert pc.lost == 0
+    s.close()
+    await pc.until(lambda: pc.lost == 1)
+    assert pc.lost_exc is None and pc.data == b""
+
+
+@run
+async def test_close_lingering_is_bounded() -> None:
+    import proxyd.transport as transport_mod
+    c, s = tcp_socks()
+    pc = Rec()
+    tc = attach(c, pc)
+    s.sendall(b"u" * 1000)
+    old, transport_mod._LINGER_TIME = transport_mod._LINGER_TIME, 0.05
+    try:
+        tc.close_lingering()
+        await pc.until(lambda: pc.lost == 1)  # the peer never closes: the time limit ends it
+    finally:
+        transport_mod._LINGER_TIME = old
+    s.close()
+
+
+@run
 async def test_eof_closes_unless_protocol_keeps_it_open() -> None:
     c, s = tcp_socks()
     pc = Rec()
