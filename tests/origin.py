@@ -138,8 +138,34 @@ class _BadRequest(Exception):
     pass
 
 
+def listen_in_thread(accept_loop, name: str, backlog: int = 64) -> tuple[socket.socket, int, threading.Thread]:
+    """A loopback listener on a free port and a daemon thread running ``accept_loop``
+    (which reads the listener from its owner); returns (listener, port, thread)."""
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(backlog)
+    port = ls.getsockname()[1]
+    return ls, port, threading.Thread(target=accept_loop, daemon=True, name=f"{name}-{port}")
+
+
+class _HeaderLookup:
+    """Case-insensitive lookups over ``self.headers`` ([(name, value)])."""
+
+    headers: list
+
+    def header(self, name: str, default=None):
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return default
+
+    def header_all(self, name: str) -> list:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
 @dataclass
-class RequestRecord:
+class RequestRecord(_HeaderLookup):
     conn_id: int
     seq: int  # position in OriginServer.requests
     method: str
@@ -156,14 +182,6 @@ class RequestRecord:
     def path(self) -> str:
         return urlsplit(self.target).path
 
-    def header(self, name: str, default=None):
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return default
-
-    def header_all(self, name: str) -> list:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
 
     def header_names(self) -> list:
         return [k.lower() for k, _ in self.headers]
@@ -236,14 +254,8 @@ class OriginServer:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> "OriginServer":
-        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(512)
-        self._listener = ls
-        self.port = ls.getsockname()[1]
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name=f"origin-accept-{self.port}")
+        self._listener, self.port, self._accept_thread = listen_in_thread(
+            self._accept_loop, "origin-accept", backlog=512)
         self._accept_thread.start()
         return self
 
@@ -800,13 +812,7 @@ class EchoServer:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> "EchoServer":
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(64)
-        self._ls = ls
-        self.port = ls.getsockname()[1]
-        t = threading.Thread(target=self._accept, daemon=True, name=f"echo-{self.port}")
+        self._ls, self.port, t = listen_in_thread(self._accept, "echo")
         t.start()
         self._threads.append(t)
         return self
@@ -868,7 +874,7 @@ class ProtocolViolation(AssertionError):
 
 
 @dataclass
-class Response:
+class Response(_HeaderLookup):
     version: str
     status: int
     reason: str
@@ -879,14 +885,6 @@ class Response:
     raw_head: bytes = b""
     interim: list = field(default_factory=list)  # 1xx responses seen before this one
 
-    def header(self, name: str, default=None):
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return default
-
-    def header_all(self, name: str) -> list:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
 
     def has_token(self, name: str, token: str) -> bool:
         return any(t.strip().lower() == token.lower()

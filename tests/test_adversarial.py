@@ -35,8 +35,8 @@ import pytest
 
 from conftest import ProxydProcess, proxyd_command, to_toml
 from corpus_requests import REQUEST_CASES, RESPONSE_CASES, RequestCase, ResponseCase
-from origin import (OriginServer, Response, id_body, pattern_bytes, read_response,
-                    read_response_head, server_context)
+from origin import (OriginServer, Response, id_body, listen_in_thread, pattern_bytes,
+                    read_response, read_response_head, server_context)
 from proxyd.errors import ParseError
 from proxyd.http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, ParserLimits, RequestHead,
                           RequestParser, ResponseHead, ResponseParser)
@@ -577,13 +577,7 @@ class ScriptedOrigin:
         self._socks: list[socket.socket] = []
 
     def start(self) -> "ScriptedOrigin":
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(64)
-        self.ls = ls
-        self.port = ls.getsockname()[1]
-        t = threading.Thread(target=self._accept, daemon=True, name=f"scripted-{self.port}")
+        self.ls, self.port, t = listen_in_thread(self._accept, "scripted")
         t.start()
         self._threads.append(t)
         return self

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from origin import OriginServer, id_body, server_context
+from origin import OriginServer, id_body, listen_in_thread, server_context
 from proxyd import config, errors
 from proxyd.pool import Pool
 from proxyd.router import OriginKey
@@ -226,13 +226,10 @@ class FlakyOrigin:
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.requests: list[bytes] = []
         self.handshakes = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.sock, self.port, accepting = listen_in_thread(self._accept, "flaky", backlog=16)
+        accepting.start()
 
     def _accept(self) -> None:
         while True:
