@@ -1210,3 +1210,81 @@ def test_chunk_framing_roundtrip():
     data = chunked_post(body + last_chunk([(b"X-T", b"v")]))
     check_parses(RequestParser, data,
                  [CHUNKED_HEAD, b"abc\r\n" + b"z" * 300, EndOfMessage([(b"X-T", b"v")])])
+
+
+# -- whole_response(): the one-step path must agree with next_event() ------------------------
+def _events_one_step(data: bytes, method: bytes) -> tuple[list, str | None]:
+    """Events of the first response in ``data`` when taken the way UpstreamConnection
+    does: whole_response() first, then next_event() for whatever it left."""
+    p = ResponseParser()
+    p.expect(method)
+    p.feed(data)
+    events: list = []
+    try:
+        whole = p.whole_response()
+        if whole is not None:
+            head, body = whole
+            events.append(head)
+            if body is not None:
+                if body:
+                    events.append(body)
+                events.append(EOM)
+                assert p.done
+                return events, None
+        while True:
+            ev = p.next_event()
+            if ev is NEED_DATA or ev is PAUSED or ev is CLOSED:
+                return events, None
+            _append(events, ev)
+            if type(ev) is EndOfMessage:
+                return events, None
+    except ParseError as exc:
+        return events, f"{exc.status} {exc.reason}"
+
+
+def _events_by_event(data: bytes, method: bytes) -> tuple[list, str | None]:
+    p = ResponseParser()
+    p.expect(method)
+    p.feed(data)
+    events: list = []
+    try:
+        while True:
+            ev = p.next_event()
+            if ev is NEED_DATA or ev is PAUSED or ev is CLOSED:
+                return events, None
+            _append(events, ev)
+            if type(ev) is EndOfMessage:
+                return events, None
+    except ParseError as exc:
+        return events, f"{exc.status} {exc.reason}"
+
+
+def _merge_bytes(events: list) -> list:
+    out: list = []
+    for ev in events:
+        if type(ev) is bytes and out and type(out[-1]) is bytes:
+            out[-1] += ev
+        else:
+            out.append(ev)
+    return out
+
+
+@pytest.mark.parametrize("data", [p.values[1] for p in VALID_RESPONSES]
+                         + [p.values[0] for p in INVALID_RESPONSES])
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("tail", [b"", NEXT_RESPONSE])
+def test_whole_response_agrees_with_next_event(data, method, tail):
+    one = _events_one_step(data + tail, method)
+    ref = _events_by_event(data + tail, method)
+    assert (_merge_bytes(one[0]), one[1]) == (_merge_bytes(ref[0]), ref[1])
+
+
+def test_whole_response_takes_a_complete_small_response_at_once():
+    p = ResponseParser()
+    p.feed(R + b"Content-Length: 5\r\n\r\nhello")
+    head, body = p.whole_response()
+    assert head.status == 200 and body == b"hello" and p.done and not p.buffered
+    p.start_next()
+    p.feed(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert p.whole_response() is None  # informational: left to next_event
+    assert type(p.next_event()) is ResponseHead
