@@ -8,17 +8,16 @@ upstream connection at a time; requests pipelined behind it wait in the parser's
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from . import errors
 from .headers import (client_response_head, error_response, filter_trailers, has_loop,
                       informational_head, upstream_request_head)
-from .http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, Framing, IncompleteMessage,
-                    ParseError, RequestHead, RequestParser, ResponseHead, chunk_frame,
-                    field_values, last_chunk, lower_names)
+from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, Framing,
+                    IncompleteMessage, ParseError, RequestHead, RequestParser, ResponseHead,
+                    chunk_frame, field_values, last_chunk, lower_names)
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
 from .metrics import NO_ORIGIN
@@ -37,14 +36,22 @@ _PAUSE_UPSTREAM_FULL = 1
 _PAUSE_BUFFER_FULL = 2
 
 
-class ClientState(enum.Enum):
+class ClientState(Constant):
     """Where the connection is in its request cycle."""
 
-    HEAD = "head"            # waiting for a request head
-    WAITING = "waiting"      # head routed, waiting for an upstream connection
-    ACTIVE = "active"        # exchange in progress
-    TUNNEL = "tunnel"        # CONNECT tunnel
-    CLOSED = "closed"
+    __slots__ = ()
+    HEAD: ClassVar[ClientState]      # waiting for a request head
+    WAITING: ClassVar[ClientState]   # head routed, waiting for an upstream connection
+    ACTIVE: ClassVar[ClientState]    # exchange in progress
+    TUNNEL: ClassVar[ClientState]    # CONNECT tunnel
+    CLOSED: ClassVar[ClientState]
+
+
+ClientState.HEAD = ClientState("head")
+ClientState.WAITING = ClientState("waiting")
+ClientState.ACTIVE = ClientState("active")
+ClientState.TUNNEL = ClientState("tunnel")
+ClientState.CLOSED = ClientState("closed")
 
 
 class ClientConnection(asyncio.Protocol):

@@ -10,16 +10,16 @@ whose handshake :class:`Connector` drives itself, not on asyncio's SSL transport
 from __future__ import annotations
 
 import asyncio
-import enum
 import re
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from . import errors
 from .policy import DestinationPolicy
-from .http1 import CLOSED, NEED_DATA, PAUSED, EndOfMessage, ParseError, ResponseHead, ResponseParser
+from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, ParseError,
+                    ResponseHead, ResponseParser)
 from .transport import SocketTransport
 
 if TYPE_CHECKING:
@@ -29,12 +29,18 @@ _KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*([0-9]+)", re.I)
 _KEEP_ALIVE_MAX = re.compile(rb"(?:^|[,;\s])max\s*=\s*([0-9]+)", re.I)
 
 
-class ConnState(enum.Enum):
+class ConnState(Constant):
     """Where a connection is in its life."""
 
-    IDLE = "idle"
-    BUSY = "busy"
-    CLOSED = "closed"
+    __slots__ = ()
+    IDLE: ClassVar[ConnState]
+    BUSY: ClassVar[ConnState]
+    CLOSED: ClassVar[ConnState]
+
+
+ConnState.IDLE = ConnState("idle")
+ConnState.BUSY = ConnState("busy")
+ConnState.CLOSED = ConnState("closed")
 
 
 class Exchange(Protocol):
