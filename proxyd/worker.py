@@ -35,9 +35,13 @@ _TICK = 0.25          # seconds between housekeeping passes (deadlines, pool upk
 _STATS_EVERY = 1.0    # seconds between stats reports to the master
 _ACCEPT_BATCH = 1    # connections accepted per wake-up, so that workers share a burst
 _FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
-# Longest a worker leaves new connections to the others because its warm pools are spoken
-# for (see _has_warm_capacity); then it accepts anyway and the request queues in its pool.
+# How long a worker leaves new connections to the others when its warm pools are spoken for
+# (see _has_warm_capacity): about one round trip to the origins, estimated from the warm
+# connections' TLS handshakes, within these bounds; then it accepts anyway and the request
+# queues in its pool. _DEFER_MAX is also the estimate before any handshake was measured.
+_DEFER_MIN = 0.002
 _DEFER_MAX = 0.01
+_DEFER_CAP = 0.1
 _OVERFLOW = 0.1       # after a deferral ran out, accept freely this long
 
 
@@ -199,7 +203,21 @@ class Worker:
     def _defer_accepting(self) -> None:
         self._stop_accepting()
         if self._deferred is None:
-            self._deferred = asyncio.get_running_loop().call_later(_DEFER_MAX, self._deferral_over)
+            self._deferred = asyncio.get_running_loop().call_later(
+                self._defer_time(), self._deferral_over)
+
+    def _defer_time(self) -> float:
+        # A client accepted here instead would wait about one round trip for a connection
+        # to come back; a TLS 1.3 handshake takes about one round trip too.
+        total = 0.0
+        count = 0
+        for pool in self._warm_pools:
+            hist = pool.ostats.handshake
+            total += hist.total
+            count += sum(hist.counts)
+        if not count:
+            return _DEFER_MAX
+        return min(_DEFER_CAP, max(_DEFER_MIN, total / count))
 
     def _deferral_over(self) -> None:
         self._deferred = None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from proxyd import config
 from proxyd.router import OriginKey
-from proxyd.worker import _DEFER_MAX, Worker
+from proxyd.worker import _DEFER_CAP, _DEFER_MAX, Worker
 
 
 async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -107,5 +107,19 @@ def test_first_request_resolves_fresh_client() -> None:
         c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         await _until(lambda: w.fresh_clients == 0, "first request begun")
         c.close()
+        lsock.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_deferral_lasts_about_one_round_trip() -> None:
+    async def main() -> None:
+        w, lsock = _worker(workers=2, warm=2)
+        pool = next(iter(w.pools.values()))
+        assert w._defer_time() == _DEFER_MAX  # nothing measured yet
+        for _ in range(4):
+            pool.ostats.handshake.observe(0.03)  # warm connections took ~30 ms to handshake
+        assert abs(w._defer_time() - 0.03) < 1e-9
+        pool.ostats.handshake.observe(100.0)
+        assert w._defer_time() == _DEFER_CAP
         lsock.close()
     asyncio.run(asyncio.wait_for(main(), 30))
