@@ -640,19 +640,14 @@ class ClientConnection(asyncio.Protocol):
     def _count(self, status: int, error: str, duration: float) -> None:
         pool = self.pool
         ostats = pool.ostats if pool is not None else self.worker.stats.origin(NO_ORIGIN, True)
-        ostats.count_request(self.req.method if self.req else b"-", status)
-        ostats.request_bytes += self.bytes_in
-        ostats.response_bytes += self.bytes_out
-        ostats.duration.observe(duration)
         t_conn = self.t_conn
+        wait = ttfb = None
         if t_conn:
-            ostats.wait.observe(t_conn - self.started)
+            wait = t_conn - self.started
             if self.t_head:
-                ostats.ttfb.observe(self.t_head - t_conn)
-        if error:
-            ostats.errors[error] += 1
-        if self.retried:
-            ostats.retries += 1
+                ttfb = self.t_head - t_conn
+        ostats.count_exchange(self.req.method if self.req else b"-", status, self.bytes_in,
+                              self.bytes_out, duration, wait, ttfb, error, self.retried)
 
     def _finish(self) -> None:
         """The exchange is over; read the next request or close."""
