@@ -74,10 +74,6 @@ class OriginStats:
     handshake: Histogram = field(default_factory=Histogram)
     wait: Histogram = field(default_factory=Histogram)
 
-    def count_request(self, method: bytes, status: int) -> None:
-        """One finished request."""
-        self.requests[(_METHOD_LABELS.get(method, "OTHER"), status)] += 1
-
     def count_exchange(self, method: bytes, status: int, bytes_in: int, bytes_out: int,
                        duration: float, wait: float | None, ttfb: float | None,
                        error: str, retried: bool) -> None:
