@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
+import ssl
 import time
 from typing import Callable, Protocol
 
@@ -69,6 +71,7 @@ class Pool:
         self.ostats = stats.origin(str(key), configured=not learned)
         # Called when a connection joins the idle list (the worker's accept balancing).
         self.on_idle: Callable[[], None] | None = None
+        self._session: ssl.SSLSession | None = None  # last ticket seen, for resumption
 
     def __repr__(self) -> str:
         return (f"<Pool {self.key} idle={len(self.idle)} busy={len(self.busy)} "
@@ -165,9 +168,31 @@ class Pool:
             pass
         self.stats.upstream_closed += 1
         self.ostats.closed[reason] += 1
+        if self.key.tls:
+            # Keep its ticket: with max_requests = 1, or after a quiet spell, no live
+            # connection may be left to take one from when the next one is opened.
+            session = conn.tls_session()
+            if session is not None:
+                self._session = session
         log.debug("closed %r reason=%s", conn, reason)
 
     # -- opening ------------------------------------------------------------------------------
+    def tls_session(self) -> ssl.SSLSession | None:
+        """A session to resume for the next new connection (nginx's proxy_ssl_session_reuse).
+
+        Resumption skips the certificate chain and the signature on both sides; the ticket
+        of any live connection will do (TLS 1.3 tickets arrive after the handshake, so they
+        are looked up when a connection is opened, off the per-request path).
+        """
+        if not self.key.tls:
+            return None
+        for conn in itertools.chain(reversed(self.idle), self.busy):
+            session = conn.tls_session()
+            if session is not None:
+                self._session = session
+                break
+        return self._session
+
     def _open_for_waiters(self) -> None:
         while self.connecting < len(self.waiters) and self.total < self.settings.max_connections:
             self._start_open()

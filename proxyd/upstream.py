@@ -265,6 +265,15 @@ class UpstreamConnection(asyncio.Protocol):
             return "idle_ttl"
         return ""
 
+    def tls_session(self) -> ssl.SSLSession | None:
+        """The TLS session of this connection, if it holds a ticket to resume with."""
+        transport = self.transport
+        sock = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        session = sock.session
+        return session if session is not None and session.has_ticket else None
+
     def pause_reading(self) -> None:
         """Stop reading the response (the client is slow)."""
         if self.transport is not None and not self.reading_paused:
@@ -358,7 +367,7 @@ class Connector:
                 # SSLSocket, which owns the descriptor.
                 sock = self.ssl_context.wrap_socket(
                     sock, server_hostname=pool.server_hostname, do_handshake_on_connect=False,
-                    suppress_ragged_eofs=False)
+                    suppress_ragged_eofs=False, session=pool.tls_session())
                 async with asyncio.timeout(self.handshake_timeout):
                     await _tls_handshake(loop, sock)  # type: ignore[arg-type]
         except BaseException as exc:

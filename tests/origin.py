@@ -248,6 +248,7 @@ class OriginServer:
         self.connections: list[ConnRecord] = []
         self.requests: list[RequestRecord] = []
         self.handshakes = 0
+        self.resumed = 0  # handshakes that resumed a TLS session
         self.handshake_failures = 0
         self.idle_closes = 0
 
@@ -378,6 +379,7 @@ class OriginServer:
                 rec.handshake_ok = True
                 with self._cond:
                     self.handshakes += 1
+                    self.resumed += tsock.session_reused
                     self._cond.notify_all()
             _ConnHandler(self, sock, rec).run()
         except Exception as e:  # noqa: BLE001 - recorded for debugging, never raised

@@ -253,6 +253,21 @@ def test_upstream_connection_reused_across_requests(proxyd, tls_origin):
     assert {r.conn_id for r in o.requests} == {0}
 
 
+def test_new_upstream_connections_resume_the_tls_session(proxyd, tls_origin):
+    """With max_requests = 1 every request needs a new connection; after the first, each
+    resumes the TLS session of a connection already open (no certificate exchange)."""
+    o = tls_origin
+    p = proxyd(workers=1, config={"pool": {"learned_warm": 0, "max_requests": 1}})
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    for i in range(4):
+        conn.request("GET", o.url("/bytes/10"))
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == pattern_bytes(10)
+    conn.close()
+    assert o.handshakes >= 4
+    assert o.resumed >= 1, f"{o.handshakes} handshakes, none resumed"
+
+
 def test_plain_http_origin(proxyd, origin_factory):
     o = origin_factory(tls=False)
     p = proxyd(config={"origin": [{"host": "127.0.0.1", "port": o.port, "tls": False}]})

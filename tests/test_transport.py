@@ -606,7 +606,7 @@ def fake_pool(port: int, tls: bool = True) -> Any:
     return SimpleNamespace(key=OriginKey("127.0.0.1", port, tls), server_hostname="localhost",
                            parser_limits=ParserLimits(),
                            settings=SimpleNamespace(idle_ttl=30.0, max_requests=100),
-                           on_closed=lambda conn, reason: None)
+                           on_closed=lambda conn, reason: None, tls_session=lambda: None)
 
 
 async def serve_once(handler: Callable[[socket.socket], Any]) -> tuple[int, asyncio.Task[Any]]:
@@ -714,3 +714,46 @@ async def test_connector_handshake_timeout(tls_contexts) -> None:
     await task
     assert len(loop._selector.get_map()) <= before  # type: ignore[attr-defined]
     held[0].close()
+
+
+@run
+async def test_connector_resumes_the_tls_session_of_a_live_connection(tls_contexts) -> None:
+    """A new connection resumes the session of one already open (proxy_ssl_session_reuse):
+    no certificate chain or signature on either side."""
+    cctx, sctx = tls_contexts
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    lsock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    served: list[ssl.SSLSocket] = []
+
+    async def origin() -> None:
+        for _ in range(2):
+            conn, _ = await loop.sock_accept(lsock)
+            conn.setblocking(False)
+            ss = sctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            await _tls_handshake(loop, ss)
+            served.append(ss)
+    task = asyncio.ensure_future(origin())
+    pool = fake_pool(lsock.getsockname()[1])
+    pool.session = None
+    pool.tls_session = lambda: pool.session
+    connector = Connector(cctx, 5.0, 5.0)
+    first, _ = await connector.open(pool)
+    # TLS 1.3 tickets come after the handshake; the idle connection reads them.
+    deadline = loop.time() + TIMEOUT
+    while first.tls_session() is None:
+        assert loop.time() < deadline, "no session ticket arrived"
+        await asyncio.sleep(0.005)
+    pool.session = first.tls_session()
+    second, _ = await connector.open(pool)
+    await asyncio.wait_for(task, TIMEOUT)
+    assert second.transport.get_extra_info("ssl_object").session_reused
+    assert not first.transport.get_extra_info("ssl_object").session_reused
+    assert served[1].session_reused
+    for conn in (first, second):
+        conn.transport.abort()
+    for ss in served:
+        ss.close()
+    lsock.close()
