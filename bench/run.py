@@ -109,6 +109,20 @@ def rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by ``pids`` (from /proc; gone pids count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -679,7 +693,12 @@ def run_wrk(env: Env, inst: ProxyInst, name: str, conns: int, duration: float,
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
            "-s", str(script), f"http://127.0.0.1:{inst.port}/"]
     load_before = os.getloadavg()[0]
+    # CPU the proxy (master and workers) spent on this run: far less sensitive to other load
+    # on the machine than requests per second.
+    pids = [inst.proc.pid, *_descendants(inst.proc.pid)]
+    cpu_before = cpu_seconds(pids)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    cpu_used = cpu_seconds(pids) - cpu_before
     m = re.search(r"WRKJSON (\{.*\})", r.stdout)
     if r.returncode != 0 or not m:
         raise BenchError(f"wrk failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
@@ -689,6 +708,7 @@ def run_wrk(env: Env, inst: ProxyInst, name: str, conns: int, duration: float,
     res["rps"] = res["requests"] / secs
     res["mbps"] = res["requests"] * FILES[name] / secs / 1e6  # payload MB/s (10^6 bytes)
     res["bytes_per_req"] = res["bytes"] / res["requests"] if res["requests"] else 0
+    res["cpu_us_per_req"] = cpu_used / res["requests"] * 1e6 if res["requests"] else 0.0
     errs = {k: res[k] for k in ("connect", "read", "write", "status", "timeout") if res[k]}
     if not record:
         return res
@@ -763,8 +783,10 @@ def throughput(env: Env, scenario: str, name: str, conns: int, key: str) -> tupl
             res = run_wrk(env, insts[k], name, conns, args.duration, f"{scenario} round {r + 1}")
             per[k].append(res)
             log(f"{scenario} round {r + 1}/{args.rounds} {k:8s} {res['rps']:>10,.0f} req/s "
-                f"{res['mbps']:>9,.1f} MB/s  p50 {res['lat_p50_us']} µs p99 {res['lat_p99_us']} µs")
+                f"{res['mbps']:>9,.1f} MB/s  p50 {res['lat_p50_us']} µs p99 {res['lat_p99_us']} µs"
+                f"  cpu {res['cpu_us_per_req']:,.1f} µs/req")
     medians = {k: med([x[key] for x in per[k]]) for k in PROXIES}
+    cpu = {k: med([x["cpu_us_per_req"] for x in per[k]]) for k in PROXIES}
     lat50 = {k: med([x["lat_p50_us"] for x in per[k]]) for k in PROXIES}
     lat99 = {k: med([x["lat_p99_us"] for x in per[k]]) for k in PROXIES}
     rn = medians["proxyd"] / medians["nginx"]
@@ -773,14 +795,19 @@ def throughput(env: Env, scenario: str, name: str, conns: int, key: str) -> tupl
     result = {"unit": unit, "connections": conns, "file": name, "rounds": per,
               "median": medians, "ratio_vs_nginx": rn, "ratio_vs_haproxy": rh,
               "wrk_latency_p50_us": lat50, "wrk_latency_p99_us": lat99,
-              "target": TARGET_TEXT[key], "pass": rn >= 0.6}
+              "cpu_us_per_req": cpu, "target": TARGET_TEXT[key], "pass": rn >= 0.6}
     spread = ", ".join(f"{k} {min(x[key] for x in per[k]):,.0f}-{max(x[key] for x in per[k]):,.0f}"
                        for k in PROXIES) if args.rounds > 1 else ""
     rows = [Row(scenario, f"{unit}, {conns} conns", medians, TARGET_TEXT[key], verdict(rn >= 0.6),
                 rn, rh, "{:,.0f}" if key == "rps" else "{:,.1f}",
                 note=f"range {spread}" if spread else ""),
             Row(scenario, "wrk latency p50 / p99 µs",
-                {k: f"{lat50[k]:,.0f} / {lat99[k]:,.0f}" for k in PROXIES})]
+                {k: f"{lat50[k]:,.0f} / {lat99[k]:,.0f}" for k in PROXIES}),
+            Row(scenario, "proxy CPU µs per request",
+                {k: f"{cpu[k]:,.1f}" for k in PROXIES}, ratio_n=cpu["proxyd"] / cpu["nginx"]
+                if cpu["nginx"] else None, ratio_h=cpu["proxyd"] / cpu["haproxy"]
+                if cpu["haproxy"] else None,
+                note="all processes of each proxy, user + system time")]
     return result, rows
 
 
