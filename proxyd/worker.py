@@ -191,9 +191,13 @@ class Worker:
     # the next connection in the queue for a worker that has one, for at most _DEFER_MAX.
     def _has_warm_capacity(self) -> bool:
         idle = 0
+        gating = False
         for pool in self._warm_pools:
+            if pool.failures:
+                continue  # an origin that fails to connect has nothing warm to balance
+            gating = True
             idle += len(pool.idle)
-        return idle > self.fresh_clients
+        return not gating or idle > self.fresh_clients
 
     def _overflowing(self) -> bool:
         # After a deferral ran out, the other workers are as busy: accept without holding

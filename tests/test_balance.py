@@ -123,3 +123,18 @@ def test_deferral_lasts_about_one_round_trip() -> None:
         assert w._defer_time() == _DEFER_CAP
         lsock.close()
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_failing_origin_does_not_hold_accepts_back() -> None:
+    async def main() -> None:
+        w, lsock = _worker(workers=2, warm=2)
+        pool = next(iter(w.pools.values()))
+        pool.failures = 3  # its warm connections cannot be opened: nothing to balance
+        w._start_accepting()
+        clients = _connect(lsock.getsockname()[1], 3)
+        await _until(lambda: w.fresh_clients == 3, "all accepted at once")
+        assert w._deferred is None
+        for c in clients:
+            c.close()
+        lsock.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
