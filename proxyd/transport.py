@@ -61,7 +61,7 @@ class SocketTransport(asyncio.Transport):
         "_linger_timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 protocol: asyncio.BaseProtocol) -> None:
+                 protocol: asyncio.BaseProtocol, peername: Any = None) -> None:
         self._extra = None  # asyncio.BaseTransport's slot; extras come from get_extra_info
         self._loop = loop
         self._sock = sock
@@ -83,7 +83,7 @@ class SocketTransport(asyncio.Transport):
         self._writer_on = False
         self._read_wants_write = False  # TLS: SSL_read needs the socket writable
         self._write_wants_read = False  # TLS: SSL_write needs the socket readable
-        self._peername: Any = None
+        self._peername: Any = peername  # accept() already returned it: no getpeername()
         self._sockname: Any = None
         self._linger = False
         self._linger_timer: asyncio.TimerHandle | None = None

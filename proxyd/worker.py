@@ -85,6 +85,7 @@ class Worker:
         self._warm_pools: list[Pool] = []
         self._deferred: asyncio.TimerHandle | None = None
         self._overflow_until = 0.0
+        self._nodelay_inherited = False  # accepted sockets get TCP_NODELAY from the listener
         self._parent = os.getppid()
 
     def via(self, version: int) -> bytes:
@@ -134,6 +135,10 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(0))
         self.sock.setblocking(False)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited
+        except OSError:
+            pass  # not a TCP listener
         self._start_accepting()
         self._start_configured_pools()
         housekeeping = asyncio.ensure_future(self._housekeeping())
@@ -167,21 +172,30 @@ class Worker:
                 self._defer_accepting()
                 return
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
                 self._accept_failed(exc)
                 return
             conn.setblocking(False)
-            try:
-                # Without it a response head and body written apart wait for a delayed ACK.
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass  # not TCP (e.g. a Unix socket), or already reset: reading will tell
+            if not self._nodelay_inherited:
+                self._set_nodelay(conn)
             # Attached synchronously: no Task and no connect_accepted_socket() round trip,
             # so a connection is in self.clients (and counts against the limit) at once.
-            SocketTransport(loop, conn, ClientConnection(self)).start(read_now=True)
+            SocketTransport(loop, conn, ClientConnection(self), peer).start(read_now=True)
+
+    def _set_nodelay(self, conn: socket.socket) -> None:
+        # Without TCP_NODELAY a response head and body written apart wait for a delayed ACK.
+        # Linux copies it from the listening socket (set in run()); checked on the first
+        # connection, and set on each one where it is not inherited.
+        try:
+            if conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                self._nodelay_inherited = True
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (e.g. a Unix socket), or already reset: reading will tell
 
     # Accept balancing. Workers share one listening socket and the kernel hands a burst of
     # new connections to whichever wakes first, so one worker could take 23 of 32 first

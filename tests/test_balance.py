@@ -1,11 +1,14 @@
-"""Accept balancing across workers: a worker whose warm connections are all spoken for
-leaves new connections in the shared accept queue for a worker that has one."""
+"""The worker's accept loop: balancing across workers (a worker whose warm connections are
+all spoken for leaves new connections in the shared queue for a worker that has one) and
+the socket options of accepted clients."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 from collections.abc import Callable
+
+import pytest
 
 from proxyd import config
 from proxyd.router import OriginKey
@@ -134,6 +137,27 @@ def test_a_failing_origin_does_not_hold_accepts_back() -> None:
         clients = _connect(lsock.getsockname()[1], 3)
         await _until(lambda: w.fresh_clients == 3, "all accepted at once")
         assert w._deferred is None
+        for c in clients:
+            c.close()
+        lsock.close()
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize("listener_nodelay", [False, True])
+def test_accepted_clients_have_tcp_nodelay(listener_nodelay: bool) -> None:
+    """Inherited from the listener when set there (Linux), set per connection otherwise:
+    without it a head and body written apart wait 40 ms for a delayed ACK."""
+    async def main() -> None:
+        w, lsock = _worker(workers=1, warm=0)
+        if listener_nodelay:
+            lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        w._start_accepting()
+        clients = _connect(lsock.getsockname()[1], 2)
+        await _until(lambda: len(w.clients) == 2, "accepted")
+        for client in w.clients:
+            sock = client.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert w._nodelay_inherited is listener_nodelay
         for c in clients:
             c.close()
         lsock.close()
