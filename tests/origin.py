@@ -149,6 +149,23 @@ def listen_in_thread(accept_loop, name: str, backlog: int = 64) -> tuple[socket.
     return ls, port, threading.Thread(target=accept_loop, daemon=True, name=f"{name}-{port}")
 
 
+def stop_listener(ls: socket.socket, socks: list[socket.socket],
+                  threads: list[threading.Thread]) -> None:
+    """Undo listen_in_thread: wake accept() and the served sockets, then join the threads."""
+    try:
+        ls.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+    except OSError:
+        pass
+    ls.close()
+    for s in list(socks):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    for t in threads:
+        t.join(2.0)
+
+
 class _HeaderLookup:
     """Case-insensitive lookups over ``self.headers`` ([(name, value)])."""
 
@@ -852,18 +869,7 @@ class EchoServer:
             return self._cond.wait_for(lambda: self.accepted >= n, timeout)
 
     def stop(self):
-        try:
-            self._ls.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._ls.close()
-        for s in list(self._socks):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self._threads:
-            t.join(2.0)
+        stop_listener(self._ls, self._socks, self._threads)
 
 
 # --------------------------------------------------------------------------------------

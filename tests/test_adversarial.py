@@ -36,7 +36,7 @@ import pytest
 from conftest import ProxydProcess, proxyd_command, to_toml
 from corpus_requests import REQUEST_CASES, RESPONSE_CASES, RequestCase, ResponseCase
 from origin import (OriginServer, Response, id_body, listen_in_thread, pattern_bytes,
-                    read_response, read_response_head, server_context)
+                    read_response, read_response_head, server_context, stop_listener)
 from proxyd.errors import ParseError
 from proxyd.http1 import (CLOSED, NEED_DATA, PAUSED, EndOfMessage, ParserLimits, RequestHead,
                           RequestParser, ResponseHead, ResponseParser)
@@ -587,18 +587,7 @@ class ScriptedOrigin:
         return f"localhost:{self.port}"
 
     def stop(self) -> None:
-        try:
-            self.ls.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.ls.close()
-        for s in list(self._socks):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self._threads:
-            t.join(2)
+        stop_listener(self.ls, self._socks, self._threads)
 
     def wait_for(self, pred, timeout: float = DEADLINE) -> bool:
         with self.cond:

@@ -1213,15 +1213,17 @@ def test_chunk_framing_roundtrip():
 
 
 # -- whole_response(): the one-step path must agree with next_event() ------------------------
-def _events_one_step(data: bytes, method: bytes) -> tuple[list, str | None]:
-    """Events of the first response in ``data`` when taken the way UpstreamConnection
-    does: whole_response() first, then next_event() for whatever it left."""
+def _first_response_events(data: bytes, method: bytes,
+                           one_step: bool) -> tuple[list, str | None]:
+    """Events of the first response in ``data``: with ``one_step`` taken the way
+    UpstreamConnection does (whole_response() first, then next_event() for whatever it
+    left), otherwise by next_event() alone."""
     p = ResponseParser()
     p.expect(method)
     p.feed(data)
     events: list = []
     try:
-        whole = p.whole_response()
+        whole = p.whole_response() if one_step else None
         if whole is not None:
             head, body = whole
             events.append(head)
@@ -1231,23 +1233,6 @@ def _events_one_step(data: bytes, method: bytes) -> tuple[list, str | None]:
                 events.append(EOM)
                 assert p.done
                 return events, None
-        while True:
-            ev = p.next_event()
-            if ev is NEED_DATA or ev is PAUSED or ev is CLOSED:
-                return events, None
-            _append(events, ev)
-            if type(ev) is EndOfMessage:
-                return events, None
-    except ParseError as exc:
-        return events, f"{exc.status} {exc.reason}"
-
-
-def _events_by_event(data: bytes, method: bytes) -> tuple[list, str | None]:
-    p = ResponseParser()
-    p.expect(method)
-    p.feed(data)
-    events: list = []
-    try:
         while True:
             ev = p.next_event()
             if ev is NEED_DATA or ev is PAUSED or ev is CLOSED:
@@ -1274,8 +1259,8 @@ def _merge_bytes(events: list) -> list:
 @pytest.mark.parametrize("method", [b"GET", b"HEAD"])
 @pytest.mark.parametrize("tail", [b"", NEXT_RESPONSE])
 def test_whole_response_agrees_with_next_event(data, method, tail):
-    one = _events_one_step(data + tail, method)
-    ref = _events_by_event(data + tail, method)
+    one = _first_response_events(data + tail, method, one_step=True)
+    ref = _first_response_events(data + tail, method, one_step=False)
     assert (_merge_bytes(one[0]), one[1]) == (_merge_bytes(ref[0]), ref[1])
 
 
