@@ -283,12 +283,17 @@ class ClientConnection(asyncio.Protocol):
 
     def _check(self, req: RequestHead) -> None:
         """Request-level rules that need no routing decision."""
+        access = self.worker.access
+        if req.plain:
+            # One Host, no Via, no Expect, no Proxy-Authorization (the parser checked).
+            if access.users:
+                access.authenticate(None)  # 407
+            return
         lnames = lower_names(req)
         hosts = lnames.count(b"host")
         if hosts > 1 or (hosts == 0 and req.version >= 11):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1.
             raise errors.ParseError("request needs exactly one Host header field")
-        access = self.worker.access
         if access.users:
             access.authenticate(req.get(b"proxy-authorization"))  # 407 unless valid
         if b"via" in lnames and has_loop(req.headers, self.worker.cfg.via):

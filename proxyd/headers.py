@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from .http1 import (Framing, Headers, RequestHead, ResponseHead, field_values, lower_names,
-                    serialize_head)
+                    plain_ows, serialize_head)
 
 # Fields never forwarded, whatever Connection says. Content-Length is handled by framing.
 HOP_BY_HOP = frozenset({
@@ -35,12 +35,6 @@ _RESPONSE_SLOW = HOP_BY_HOP - {b"content-length", b"connection", b"keep-alive"}
 _CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
 # Connection and Keep-Alive lines of a validated field section (values hold no CR or LF).
 _CONNECTION_LINES = re.compile(rb"(?im)^(?:connection|keep-alive):[^\r\n]*\r\n")
-
-
-def _plain_ows(block: bytes) -> bool:
-    """No tab, no double space, no trailing space: framing fields are re-emitted canonically
-    otherwise, in case the next hop reads unusual whitespace differently."""
-    return b"\t" not in block and b"  " not in block and b" \r\n" not in block
 
 
 def _filtered(head: RequestHead | ResponseHead) -> Headers:
@@ -74,8 +68,12 @@ def has_loop(headers: Headers, pseudonym: str) -> bool:
 
 def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: bytes) -> bytes:
     """Serialise the request as sent to the origin (always HTTP/1.1, origin-form)."""
+    if req.plain and req.plain_host == host:
+        # The parser checked everything the next condition does.
+        return (req.method + b" " + target + b" HTTP/1.1\r\n" + req.raw_block
+                + b"Via: " + via + b"\r\n\r\n")
     lnames = lower_names(req)
-    if (req.raw_block and _plain_ows(req.raw_block) and _REQUEST_SLOW.isdisjoint(lnames)
+    if (req.raw_block and plain_ows(req.raw_block) and _REQUEST_SLOW.isdisjoint(lnames)
             and lnames.count(b"host") == 1
             and req.get(b"host") == host and lnames.count(b"content-length") <= 1
             and (req.framing is Framing.NONE
@@ -128,9 +126,17 @@ def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bo
                         client_version: int, via: bytes) -> bytes | None:
     """The common case — same framing, no hop-by-hop field but Connection: keep-alive/close
     and Keep-Alive — as the received section minus those lines; None when not applicable."""
+    if resp.plain:
+        # The parser checked the field conditions below; a plain head is never 204.
+        if out_framing is not resp.framing:
+            return None
+        block = resp.raw_block
+        if resp.connection_tokens or resp.keep_alive_field is not None:
+            block = _CONNECTION_LINES.sub(b"", block)
+        return _response_head_bytes(resp, block, keep_alive, client_version, via)
     lnames = lower_names(resp)
     if (not resp.raw_block or out_framing is not resp.framing or resp.status == 204
-            or not _plain_ows(resp.raw_block)
+            or not plain_ows(resp.raw_block)
             or not _RESPONSE_SLOW.isdisjoint(lnames) or lnames.count(b"content-length") > 1
             or not resp.connection_tokens <= _CONNECTION_PLAIN):
         return None
@@ -139,6 +145,12 @@ def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bo
     block = resp.raw_block
     if b"connection" in lnames or b"keep-alive" in lnames:
         block = _CONNECTION_LINES.sub(b"", block)
+    return _response_head_bytes(resp, block, keep_alive, client_version, via)
+
+
+def _response_head_bytes(resp: ResponseHead, block: bytes, keep_alive: bool,
+                         client_version: int, via: bytes) -> bytes:
+    """Status line, forwarded field section, Via and our Connection, in one formatting."""
     if not keep_alive:
         tail = b"Connection: close\r\n\r\n"
     elif client_version < 11:

@@ -52,6 +52,26 @@ _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOKEN_SRC
     + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_SRC + rb"|" + _QUOTED + rb"))?)*)")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# Plain paths: the usual head matched whole in one pass — start line, valid field lines
+# (the same classes as _FIELD_ITEM), the blank line — so that it can be forwarded from the
+# bytes as received. Any head these do not take goes through the general parser, which
+# reaches the same result or names the error.
+_PLAIN_FIELDS = rb"((?:" + _FIELD_NAME + rb":[ \t]*" + _FIELD_VALUE + rb"\r\n)*)\r\n"
+_PLAIN_REQUEST = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f-\xff]+) HTTP/1\.([01])\r\n" + _PLAIN_FIELDS)
+_PLAIN_RESPONSE = re.compile(
+    rb"HTTP/1\.([01]) ([2-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n" + _PLAIN_FIELDS)
+# The fields a proxy acts on (framing, hop-by-hop, routing, expectations, loops); a plain
+# request holds exactly one of them, Host. Matched case-insensitively on a section with
+# canonical whitespace, so the value is exactly what follows ": ".
+_REQUEST_SPECIAL = re.compile(
+    rb"(?mi)^(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
+    rb"|upgrade|proxy-authorization|proxy-authenticate|host|expect|via):[ ]?([^\r]*)\r")
+# A plain response holds one Content-Length, and may hold Connection: keep-alive or close
+# and Keep-Alive (applied to the pooled connection, not forwarded).
+_RESPONSE_SPECIAL = re.compile(
+    rb"(?mi)^(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
+    rb"|upgrade|proxy-authorization|proxy-authenticate|host):[ ]?([^\r]*)\r")
 _MAX_CHUNK_SIZE = 1 << 62
 # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request-line.
 _MAX_LEADING_CRLF = 8
@@ -104,49 +124,129 @@ class ParserLimits:
     trailer_size: int = 16384
 
 
-@dataclass(slots=True)
-class RequestHead:
-    """A parsed request line and header section."""
+class _Head:
+    """What request and response heads share.
 
-    method: bytes
-    target: bytes
-    version: int  # 10 or 11
-    headers: Headers
-    framing: Framing = Framing.NONE
-    content_length: int = 0
-    keep_alive: bool = True
-    connection_tokens: frozenset[bytes] = frozenset()
-    lnames: list[bytes] = field(default_factory=list, compare=False, repr=False)
-    raw_block: bytes = field(default=b"", compare=False, repr=False)  # fields as received
+    ``headers`` and ``lnames`` are built on first use from ``raw_block`` when the parser did
+    not need them: a plain message (see :attr:`plain`) is forwarded from its field section
+    as received, so splitting it into field tuples would be work thrown away.
+    """
+
+    __slots__ = ("version", "_headers", "_lnames", "framing", "content_length", "keep_alive",
+                 "connection_tokens", "raw_block", "plain")
+
+    def _init(self, version: int, headers: Headers | None, framing: Framing,
+              content_length: int, keep_alive: bool, connection_tokens: frozenset[bytes],
+              lnames: list[bytes] | None, raw_block: bytes) -> None:
+        self.version = version  # 10 or 11
+        self._headers = headers if headers is not None or raw_block else []
+        self._lnames = lnames
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.connection_tokens = connection_tokens
+        self.raw_block = raw_block  # the field section as received (validated)
+        # True when the parser's plain path took the head: fields valid with canonical
+        # whitespace, and none that a proxy must act on beyond what the path checked.
+        self.plain = False
+
+    @property
+    def headers(self) -> Headers:
+        """Field lines in order, names as received."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _split_block(self.raw_block)
+        return headers
+
+    @headers.setter
+    def headers(self, value: Headers) -> None:
+        self._headers = value
+
+    @property
+    def lnames(self) -> list[bytes]:
+        """Lower-cased field names, in the order of :attr:`headers`."""
+        lnames = self._lnames
+        headers = self.headers
+        if lnames is None or len(lnames) != len(headers):
+            lnames = self._lnames = [n.lower() for n, _ in headers]
+        return lnames
+
+    @lnames.setter
+    def lnames(self, value: list[bytes]) -> None:
+        self._lnames = value
 
     def get(self, lname: bytes) -> bytes | None:
         """First value of the field named ``lname`` (lower case), or None."""
         return _get(self, lname)
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.version, self.headers, self.framing, self.content_length,
+                self.keep_alive, self.connection_tokens)
+
+
+class RequestHead(_Head):
+    """A parsed request line and header section."""
+
+    __slots__ = ("method", "target", "plain_host")
+
+    def __init__(self, method: bytes, target: bytes, version: int, headers: Headers | None = None,
+                 framing: Framing = Framing.NONE, content_length: int = 0,
+                 keep_alive: bool = True, connection_tokens: frozenset[bytes] = frozenset(),
+                 lnames: list[bytes] | None = None, raw_block: bytes = b"") -> None:
+        self.method = method
+        self.target = target
+        self.plain_host = b""  # with plain: the one Host field's value
+        self._init(version, headers, framing, content_length, keep_alive, connection_tokens,
+                   lnames, raw_block)
 
     @property
     def has_body(self) -> bool:
         """True when body bytes follow the head."""
         return self.framing is Framing.CHUNKED or self.content_length > 0
 
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not RequestHead:
+            return NotImplemented
+        return (self.method, self.target, self._key()) == (other.method, other.target, other._key())
 
-@dataclass(slots=True)
-class ResponseHead:
+    def __repr__(self) -> str:
+        return (f"RequestHead({self.method!r}, {self.target!r}, {self.version}, {self.headers!r}, "
+                f"{self.framing!r}, {self.content_length}, {self.keep_alive}, "
+                f"{set(self.connection_tokens)!r})")
+
+
+class ResponseHead(_Head):
     """A parsed status line and header section."""
 
-    status: int
-    reason: bytes
-    version: int
-    headers: Headers
-    framing: Framing = Framing.NONE
-    content_length: int = 0
-    keep_alive: bool = True
-    connection_tokens: frozenset[bytes] = frozenset()
-    lnames: list[bytes] = field(default_factory=list, compare=False, repr=False)
-    raw_block: bytes = field(default=b"", compare=False, repr=False)  # fields as received
+    __slots__ = ("status", "reason", "keep_alive_field")
 
-    def get(self, lname: bytes) -> bytes | None:
-        """First value of the field named ``lname`` (lower case), or None."""
-        return _get(self, lname)
+    def __init__(self, status: int, reason: bytes, version: int, headers: Headers | None = None,
+                 framing: Framing = Framing.NONE, content_length: int = 0,
+                 keep_alive: bool = True, connection_tokens: frozenset[bytes] = frozenset(),
+                 lnames: list[bytes] | None = None, raw_block: bytes = b"") -> None:
+        self.status = status
+        self.reason = reason
+        self.keep_alive_field: bytes | None = None  # with plain: the Keep-Alive value, if any
+        self._init(version, headers, framing, content_length, keep_alive, connection_tokens,
+                   lnames, raw_block)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not ResponseHead:
+            return NotImplemented
+        return (self.status, self.reason, self._key()) == (other.status, other.reason, other._key())
+
+    def __repr__(self) -> str:
+        return (f"ResponseHead({self.status}, {self.reason!r}, {self.version}, {self.headers!r}, "
+                f"{self.framing!r}, {self.content_length}, {self.keep_alive}, "
+                f"{set(self.connection_tokens)!r})")
+
+
+def _split_block(block: bytes) -> Headers:
+    """Field tuples of a field section the parser already validated."""
+    headers: Headers = _FIELD_ITEM.findall(block)
+    if b" \r\n" in block or b"\t\r\n" in block:
+        headers = [(n, v.rstrip(b" \t")) for n, v in headers]
+    return headers
 
 
 @dataclass(slots=True)
@@ -559,6 +659,15 @@ def lower_names(head: RequestHead | ResponseHead) -> list[bytes]:
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_KEEP_ALIVE_TOKENS = frozenset({b"keep-alive"})
+_CLOSE_TOKENS = frozenset({b"close"})
+_PLAIN_CONNECTION = {b"keep-alive": _KEEP_ALIVE_TOKENS, b"close": _CLOSE_TOKENS}
+
+
+def plain_ows(block: bytes) -> bool:
+    """No tab, no double space, no trailing space in a field section: whitespace any next
+    hop reads the same way, so the section can be forwarded as received."""
+    return b"\t" not in block and b"  " not in block and b" \r\n" not in block
 
 
 def _split_list(head: RequestHead | ResponseHead) -> tuple[list[bytes], list[bytes], frozenset[bytes]]:
@@ -654,6 +763,10 @@ class RequestParser(_Parser):
             limit = self.limits.request_line
             if len(buf) > limit + 1 and buf.find(b"\n", 0, limit + 2) == -1:
                 raise ParseError("request line too long", status=414)
+            if type(buf) is bytes:
+                plain = self._plain_head(buf)
+                if plain is not None:
+                    return plain
             head = self._find_head()
             if head is None:
                 if self._eof:
@@ -664,6 +777,37 @@ class RequestParser(_Parser):
             self._state = _State.ERROR
             raise
         self._enter_body(req.framing, req.content_length)
+        return req
+
+    def _plain_head(self, buf: bytes) -> RequestHead | None:
+        """A complete, plain, body-less request head at the start of ``buf``, taken in a
+        few C-level steps; None (nothing consumed) for any other."""
+        end = buf.find(b"\r\n\r\n")
+        if end == -1 or end + 4 > self.limits.head_size:
+            return None
+        m = _PLAIN_REQUEST.match(buf, 0, end + 4)
+        if m is None or m.end() != end + 4:
+            return None
+        method, target, minor, block = m.groups()
+        limits = self.limits
+        if (m.start(4) - 2 > limits.request_line or block.count(b"\n") > limits.header_count
+                or not plain_ows(block)):
+            return None
+        special = _REQUEST_SPECIAL.findall(block)
+        if len(special) != 1 or special[0][0].lower() != b"host":
+            return None  # framing, hop-by-hop, Expect, Via, or no single Host: general path
+        version = 11 if minor == b"1" else 10
+        # RFC 9112 §6.3: no Content-Length or Transfer-Encoding, no body; §9.3: with no
+        # Connection field, HTTP/1.1 persists and HTTP/1.0 does not.
+        req = RequestHead(method, target, version, None, Framing.NONE, 0, version == 11,
+                          _NO_TOKENS, None, block)
+        req.plain = True
+        req.plain_host = special[0][1]
+        self._buf = buf[end + 4:] if len(buf) > end + 4 else b""
+        self._scan_from = 0
+        self._leading_crlf = 0
+        self._state = _State.BODY_LENGTH
+        self._remaining = 0
         return req
 
     def _skip_leading_crlf(self) -> None:
@@ -792,9 +936,24 @@ class ResponseParser(_Parser):
         head raises :class:`ParseError` exactly as :meth:`next_event` would.
         """
         buf = self._buf
-        if (self._state is not _State.HEAD or self._eof or buf[9:10] == b"1"
-                or buf.find(b"\r\n\r\n") == -1):
+        if self._state is not _State.HEAD or self._eof or buf[9:10] == b"1":
             return None
+        end = buf.find(b"\r\n\r\n")
+        if end == -1:
+            return None
+        if type(buf) is bytes:
+            plain = self._plain_head(buf, end)
+            if plain is not None:
+                self.seen_bytes = True
+                self._scan_from = 0
+                body_start = end + 4
+                if len(buf) == body_start + plain.content_length:
+                    self._buf = b""
+                    self._state = _State.DONE
+                    return plain, buf[body_start:]
+                self._buf = buf[body_start:]
+                self._enter_body(plain.framing, plain.content_length)
+                return plain, None
         head = self._head_event()
         if type(head) is not ResponseHead:
             return None  # cannot happen for a complete head; next_event will tell
@@ -804,6 +963,53 @@ class ResponseParser(_Parser):
             self._state = _State.DONE
             return head, body
         return head, None
+
+    def _plain_head(self, buf: bytes, end: int) -> ResponseHead | None:
+        """The final response head ending at ``end``, if plain: one valid Content-Length, no
+        hop-by-hop field but Connection (keep-alive or close) and Keep-Alive, canonical
+        whitespace, not a response to HEAD, not 204 or 304. Nothing is consumed."""
+        if end + 4 > self.limits.head_size or self._method == b"HEAD":
+            return None
+        m = _PLAIN_RESPONSE.match(buf, 0, end + 4)
+        if m is None or m.end() != end + 4:
+            return None
+        minor, code, reason, block = m.groups()
+        if block.count(b"\n") > self.limits.header_count or not plain_ows(block):
+            return None
+        status = int(code)
+        if status == 204 or status == 304:
+            return None
+        length = -1
+        tokens = _NO_TOKENS
+        keep_alive_field = None
+        for name, value in _RESPONSE_SPECIAL.findall(block):
+            name = name.lower()
+            if name == b"content-length":
+                if (length != -1 or _DIGITS.fullmatch(value) is None
+                        or (value[0] == 48 and len(value) > 1)):
+                    return None  # repeated, invalid, or with leading zeros
+                length = int(value)
+            elif name == b"connection":
+                if tokens:
+                    return None  # several Connection lines: general path
+                tokens = _PLAIN_CONNECTION.get(value.lower())  # type: ignore[assignment]
+                if tokens is None:
+                    return None  # it names other fields to remove
+            elif name == b"keep-alive" and keep_alive_field is None:
+                keep_alive_field = value
+            else:
+                return None
+        if length == -1:
+            return None  # no Content-Length: close-delimited (general path)
+        version = 11 if minor == b"1" else 10
+        # RFC 9112 §9.3: "close" ends the connection; HTTP/1.0 persists only on keep-alive.
+        keep_alive = tokens is not _CLOSE_TOKENS if tokens else version == 11
+        head = ResponseHead(status, reason or b"", version, None,
+                            Framing.LENGTH if length else Framing.NONE, length, keep_alive,
+                            tokens, None, block)
+        head.plain = True
+        head.keep_alive_field = keep_alive_field
+        return head
 
     def _head_event(self) -> Event:
         if self._buf:

@@ -104,8 +104,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._deliver(exchange)
             return
         head, body = whole
-        if b"keep-alive" in head.lnames:
-            self._note_keep_alive(head)
+        ka = head.keep_alive_field if head.plain else head.get(b"keep-alive")
+        if ka is not None:
+            self._note_keep_alive(ka)
         if body is not None:
             exchange.on_whole_response(head, body)
             return
@@ -191,8 +192,10 @@ class UpstreamConnection(asyncio.Protocol):
             if type(event) is bytes:
                 exchange.on_response_data(event)
             elif type(event) is ResponseHead:
-                if event.status >= 200 and b"keep-alive" in event.lnames:
-                    self._note_keep_alive(event)
+                if event.status >= 200:
+                    ka = event.get(b"keep-alive")
+                    if ka is not None:
+                        self._note_keep_alive(ka)
                 exchange.on_response_head(event)
             elif type(event) is EndOfMessage:
                 exchange.on_response_end(event.trailers)
@@ -215,12 +218,9 @@ class UpstreamConnection(asyncio.Protocol):
         may have closed it meanwhile) and no byte of a response arrived."""
         return self.from_idle and not self.parser.seen_bytes
 
-    def _note_keep_alive(self, head: ResponseHead) -> None:
+    def _note_keep_alive(self, ka: bytes) -> None:
         # Honour the origin's Keep-Alive parameters (RFC 2068 §19.7.1.1, still widely sent):
         # close before the origin's idle timeout, and not beyond its request budget.
-        ka = head.get(b"keep-alive")
-        if ka is None:
-            return
         m = _KEEP_ALIVE_TIMEOUT.search(ka)
         if m:
             origin_timeout = int(m.group(1))

@@ -643,3 +643,53 @@ def test_route_connect_configured_ports():
 def test_split_authority(authority, expected):
     assert split_authority(authority) == expected
 
+
+
+# ============================================================================================
+# Plain heads are forwarded from the bytes as received: the result must be byte for byte what
+# the general field-by-field path builds.
+# ============================================================================================
+
+PLAIN_REQUESTS = [
+    b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n",
+    b"GET http://a.test/x HTTP/1.0\r\nhost: a.test\r\nUser-Agent: u\r\n\r\n",
+    b"DELETE http://a.test:8080/x HTTP/1.1\r\nX-A: 1\r\nHost: a.test:8080\r\n\r\n",
+]
+PLAIN_RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+    b"Keep-Alive: timeout=5, max=100\r\nETag: \"x\"\r\n\r\nhi",
+    b"HTTP/1.1 404 Not Found\r\nconnection: close\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nhi",
+    b"HTTP/1.1 500 \r\nContent-Length: 2\r\n\r\nhi",
+]
+
+
+def _general(head):
+    """The same head with the plain flag off (the general path's view of it)."""
+    head.plain = False
+    return head
+
+
+@pytest.mark.parametrize("data", PLAIN_REQUESTS)
+@pytest.mark.parametrize("host", [b"a.test", b"a.test:8080", b"other.test"])
+def test_plain_request_forwarded_as_the_general_path_would(data, host):
+    p = RequestParser()
+    p.feed(data)
+    head = p.next_event()
+    assert head.plain
+    plain = upstream_request_head(head, b"/x", host, VIA)
+    assert plain == upstream_request_head(_general(head), b"/x", host, VIA)
+
+
+@pytest.mark.parametrize("data", PLAIN_RESPONSES)
+@pytest.mark.parametrize("keep_alive, version", [(True, 11), (False, 11), (True, 10),
+                                                 (False, 10)])
+def test_plain_response_forwarded_as_the_general_path_would(data, keep_alive, version):
+    p = ResponseParser()
+    p.feed(data)
+    head, _ = p.whole_response()
+    assert head.plain
+    plain = client_response_head(head, head.framing, keep_alive, version, VIA)
+    general = client_response_head(_general(head), head.framing, keep_alive, version, VIA)
+    assert plain == general

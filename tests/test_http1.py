@@ -1273,3 +1273,80 @@ def test_whole_response_takes_a_complete_small_response_at_once():
     p.feed(b"HTTP/1.1 100 Continue\r\n\r\n")
     assert p.whole_response() is None  # informational: left to next_event
     assert type(p.next_event()) is ResponseHead
+
+
+# ============================================================================================
+# Plain paths: the usual head taken in one match must give exactly what the general parser
+# gives (same events, same error), for every case in the corpus above.
+# ============================================================================================
+
+def _all_request_events(data: bytes, limits: ParserLimits | None) -> tuple[list, str | None]:
+    p = RequestParser(limits)
+    p.feed(data)
+    p.feed(b"")
+    events: list = []
+    try:
+        while True:
+            ev = p.next_event()
+            if ev is PAUSED:
+                p.start_next()
+                continue
+            if ev is NEED_DATA or ev is CLOSED:
+                return events, None
+            _append(events, ev)
+    except ParseError as exc:
+        return events, f"{exc.status} {exc.reason}"
+
+
+def _no_plain(self, buf):
+    return None
+
+
+@pytest.mark.parametrize("data, limits", [(p.values[0], None) for p in VALID_REQUESTS]
+                         + [(p.values[0], None) for p in INVALID_REQUESTS]
+                         + [(p.values[1], p.values[0]().limits) for p in LIMIT_REJECTIONS])
+@pytest.mark.parametrize("tail", [b"", NEXT_REQUEST])
+def test_plain_request_path_agrees_with_general_parser(data, limits, tail, monkeypatch):
+    plain = _all_request_events(data + tail, limits)
+    monkeypatch.setattr(RequestParser, "_plain_head", _no_plain)
+    general = _all_request_events(data + tail, limits)
+    assert plain == general
+
+
+@pytest.mark.parametrize("data, plain", [
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", True),
+    (b"GET http://a.test/ HTTP/1.0\r\nHOST: a.test\r\n\r\n", True),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nAccept: */*\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost:  a.test\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nVia: 1.1 x\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nExpect: 100-continue\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nTE: trailers\r\n\r\n", False),
+    (b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n", False),
+])
+def test_plain_request_path_takes_only_heads_without_special_fields(data, plain):
+    p = RequestParser()
+    p.feed(data)
+    head = p.next_event()
+    assert type(head) is RequestHead and head.plain is plain
+
+
+@pytest.mark.parametrize("data, plain", [
+    (R + b"Content-Length: 2\r\n\r\nhi", True),
+    (R + b"Content-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nhi", True),
+    (R + b"Content-Length: 2\r\nConnection: close\r\n\r\nhi", True),
+    (R + b"Content-Length: 02\r\n\r\nhi", False),
+    (R + b"Content-Length: 2\r\nConnection: x-private\r\n\r\nhi", False),
+    (R + b"Content-Length: 2\r\nConnection: close\r\nConnection: close\r\n\r\nhi", False),
+    (R + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nhi", False),
+    (R + b"Content-Length: 2\r\nUpgrade: h2c\r\n\r\nhi", False),
+    (R + b"Content-Length: 2 \r\n\r\nhi", False),
+    (R + b"\r\nhi", False),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", False),
+])
+def test_plain_response_path_takes_only_heads_without_special_fields(data, plain):
+    p = ResponseParser()
+    p.feed(data)
+    head, _ = p.whole_response()
+    assert head.plain is plain
