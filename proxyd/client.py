@@ -351,9 +351,18 @@ class ClientConnection(asyncio.Protocol):
         else:
             head = upstream_request_head(req, self.route.target, self.route.host_header,
                                          self.worker.via(req.version))
-            if req.method in IDEMPOTENT:
-                self.retained = []
-            self._send_pending([head])
+            if self.body_read and not self.pending:
+                # The whole request is this head (no body): one write, nothing to frame.
+                if req.method in IDEMPOTENT:
+                    self.retained = [head]
+                    self.retained_size = len(head)
+                conn.write(head)
+                self.req_done = True
+                self._request_sent()
+            else:
+                if req.method in IDEMPOTENT:
+                    self.retained = []
+                self._send_pending([head])
         if conn.writing_paused:
             self._pause(_PAUSE_UPSTREAM_FULL)
         if self.paused:
@@ -628,31 +637,27 @@ class ClientConnection(asyncio.Protocol):
         worker = self.worker
         now = time.monotonic()
         started = self.started or now
-        if worker.metrics_enabled:
-            self._count(status, error, now - started)
-        access = worker.access_log
-        if not access.enabled:
-            return
-        req = self.req
-        origin = self.pool.name if self.pool else "-"
-        path = self.route.target if self.route else (req.target if req else b"-")
-        wait = self.t_conn - started if self.t_conn else now - started
-        ttfb = self.t_head - self.t_conn if self.t_head and self.t_conn else 0.0
-        access.record(self.peer, req.method if req else b"-", origin, path, status, self.bytes_in,
-                      self.bytes_out, now - started, wait, ttfb, self.reused, self.retried,
-                      error)
-
-    def _count(self, status: int, error: str, duration: float) -> None:
-        pool = self.pool
-        ostats = pool.ostats if pool is not None else self.worker.stats.origin(NO_ORIGIN, True)
+        duration = now - started
         t_conn = self.t_conn
-        wait = ttfb = None
-        if t_conn:
-            wait = t_conn - self.started
-            if self.t_head:
-                ttfb = self.t_head - t_conn
-        ostats.count_exchange(self.req.method if self.req else b"-", status, self.bytes_in,
-                              self.bytes_out, duration, wait, ttfb, error, self.retried)
+        t_head = self.t_head
+        # Histograms leave out what did not happen; the log line says 0 / the whole wait.
+        wait = t_conn - started if t_conn else None
+        ttfb = t_head - t_conn if t_head and t_conn else None
+        req = self.req
+        method = req.method if req is not None else b"-"
+        pool = self.pool
+        if worker.metrics_enabled:
+            ostats = pool.ostats if pool is not None else worker.stats.origin(NO_ORIGIN, True)
+            ostats.count_exchange(method, status, self.bytes_in, self.bytes_out, duration, wait,
+                                  ttfb, error, self.retried)
+        access = worker.access_log
+        if access.enabled:
+            route = self.route
+            access.record(self.peer, method, pool.name if pool is not None else "-",
+                          route.target if route is not None else (req.target if req else b"-"),
+                          status, self.bytes_in, self.bytes_out, duration,
+                          duration if wait is None else wait, ttfb or 0.0, self.reused,
+                          self.retried, error)
 
     def _finish(self) -> None:
         """The exchange is over; read the next request or close."""

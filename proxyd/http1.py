@@ -56,7 +56,11 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 # (the same classes as _FIELD_ITEM), the blank line — so that it can be forwarded from the
 # bytes as received. Any head these do not take goes through the general parser, which
 # reaches the same result or names the error.
-_PLAIN_FIELDS = rb"((?:" + _FIELD_NAME + rb":[ \t]*" + _FIELD_VALUE + rb"\r\n)*)\r\n"
+# Canonical whitespace only (no tab, no double or trailing space: every next hop reads it
+# the same way): ": " or ":" then words separated by single spaces. Each space must be
+# followed by a visible char, so a failing line costs no backtracking.
+_PLAIN_VALUE = rb"(?:[\x21-\x7e\x80-\xff]+(?: [\x21-\x7e\x80-\xff]+)*)?"
+_PLAIN_FIELDS = rb"((?:" + _FIELD_NAME + rb": ?" + _PLAIN_VALUE + rb"\r\n)*)\r\n"
 _PLAIN_REQUEST = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\x00-\x20\x7f-\xff]+) HTTP/1\.([01])\r\n" + _PLAIN_FIELDS)
 _PLAIN_RESPONSE = re.compile(
@@ -790,8 +794,7 @@ class RequestParser(_Parser):
             return None
         method, target, minor, block = m.groups()
         limits = self.limits
-        if (m.start(4) - 2 > limits.request_line or block.count(b"\n") > limits.header_count
-                or not plain_ows(block)):
+        if m.start(4) - 2 > limits.request_line or block.count(b"\n") > limits.header_count:
             return None
         special = _REQUEST_SPECIAL.findall(block)
         if len(special) != 1 or special[0][0].lower() != b"host":
@@ -974,7 +977,7 @@ class ResponseParser(_Parser):
         if m is None or m.end() != end + 4:
             return None
         minor, code, reason, block = m.groups()
-        if block.count(b"\n") > self.limits.header_count or not plain_ows(block):
+        if block.count(b"\n") > self.limits.header_count:
             return None
         status = int(code)
         if status == 204 or status == 304:

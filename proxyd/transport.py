@@ -293,8 +293,10 @@ class SocketTransport(asyncio.Transport):
             return
         if self._tls:
             if len(data) <= _TLS_PIECE:
+                # As in _read_tls: the C object's write(), not SSLSocket.send() around it.
+                sslobj = getattr(self._sock, "_sslobj", None)
                 try:
-                    self._sock.send(data)
+                    sslobj.write(data) if sslobj is not None else self._sock.send(data)
                     return  # partial writes are off: all of it became TLS records
                 except ssl.SSLWantWriteError:
                     pass
