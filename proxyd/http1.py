@@ -66,16 +66,18 @@ _PLAIN_REQUEST = re.compile(
 _PLAIN_RESPONSE = re.compile(
     rb"HTTP/1\.([01]) ([2-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n" + _PLAIN_FIELDS)
 # The fields a proxy acts on (framing, hop-by-hop, routing, expectations, loops); a plain
-# request holds exactly one of them, Host. Matched case-insensitively on a section with
-# canonical whitespace, so the value is exactly what follows ": ".
+# request holds exactly one of them, Host. Searched from the CRLF that ends the line before
+# (CRLF only ever ends a line of a matched head; a literal prefix is the regex engine's
+# fastest scan), on canonical whitespace, so the value is exactly what follows ": ".
 _REQUEST_SPECIAL = re.compile(
-    rb"(?mi)^(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
-    rb"|upgrade|proxy-authorization|proxy-authenticate|host|expect|via):[ ]?([^\r]*)\r")
+    rb"(?i)\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
+    rb"|upgrade|proxy-authorization|proxy-authenticate|host|expect|via):[ ]?([^\r]*)")
 # A plain response holds one Content-Length, and may hold Connection: keep-alive or close
-# and Keep-Alive (applied to the pooled connection, not forwarded).
+# and Keep-Alive (applied to the pooled connection, not forwarded). Searched in the
+# lower-cased head: names and values come out lower-cased.
 _RESPONSE_SPECIAL = re.compile(
-    rb"(?mi)^(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
-    rb"|upgrade|proxy-authorization|proxy-authenticate|host):[ ]?([^\r]*)\r")
+    rb"\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
+    rb"|upgrade|proxy-authorization|proxy-authenticate|host):[ ]?([^\r]*)")
 _MAX_CHUNK_SIZE = 1 << 62
 # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request-line.
 _MAX_LEADING_CRLF = 8
@@ -796,7 +798,7 @@ class RequestParser(_Parser):
         limits = self.limits
         if m.start(4) - 2 > limits.request_line or block.count(b"\n") > limits.header_count:
             return None
-        special = _REQUEST_SPECIAL.findall(block)
+        special = _REQUEST_SPECIAL.findall(buf, m.start(4) - 2, end + 2)
         if len(special) != 1 or special[0][0].lower() != b"host":
             return None  # framing, hop-by-hop, Expect, Via, or no single Host: general path
         version = 11 if minor == b"1" else 10
@@ -985,8 +987,7 @@ class ResponseParser(_Parser):
         length = -1
         tokens = _NO_TOKENS
         keep_alive_field = None
-        for name, value in _RESPONSE_SPECIAL.findall(block):
-            name = name.lower()
+        for name, value in _RESPONSE_SPECIAL.findall(buf[:end + 2].lower(), m.start(4) - 1):
             if name == b"content-length":
                 if (length != -1 or _DIGITS.fullmatch(value) is None
                         or (value[0] == 48 and len(value) > 1)):
@@ -995,7 +996,7 @@ class ResponseParser(_Parser):
             elif name == b"connection":
                 if tokens:
                     return None  # several Connection lines: general path
-                tokens = _PLAIN_CONNECTION.get(value.lower())  # type: ignore[assignment]
+                tokens = _PLAIN_CONNECTION.get(value)  # type: ignore[assignment]
                 if tokens is None:
                     return None  # it names other fields to remove
             elif name == b"keep-alive" and keep_alive_field is None:
