@@ -276,7 +276,10 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.WAITING
         # Parse what is buffered of the body first: a malformed body that already arrived
         # is refused before any byte of the request goes upstream.
-        if not self._read_body():
+        if req.plain:
+            self.parser.skip_empty_body()  # a plain request has no body
+            self.body_read = True
+        elif not self._read_body():
             return
         self.deadline = float("inf")  # the pool enforces pool_wait
         self.pool.acquire(self)
@@ -486,14 +489,19 @@ class ClientConnection(asyncio.Protocol):
     def on_whole_response(self, head: ResponseHead, body: bytes) -> None:
         """A final response that arrived whole with its body (the common small response):
         head and body go out in one write, then the exchange ends."""
-        out = self._out
-        out.append(self._final_head(head, self.req))  # type: ignore[arg-type]
+        data = self._final_head(head, self.req)  # type: ignore[arg-type]
         if body:
             n = len(body)
             self.worker.stats.bytes_to_clients += n
             self.bytes_out += n
-            out.append(body)
-        self._flush()
+            data += body
+        if self._out:  # held informational heads go first
+            self._out.append(data)
+            self._flush()
+        else:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
         self.on_response_end([])
 
     def _final_head(self, head: ResponseHead, req: RequestHead) -> bytes:
@@ -666,14 +674,16 @@ class ClientConnection(asyncio.Protocol):
             return
         self._reset_exchange()
         self.state = ClientState.HEAD
-        self.deadline = time.monotonic() + self.worker.timeouts.client_idle
         waiting = self.parser.next_message()
         if self.paused:
             self._resume(_PAUSE_BUFFER_FULL)
+        timeouts = self.worker.timeouts
         if waiting:
             self.head_started = True
-            self.deadline = time.monotonic() + self.worker.timeouts.client_head
+            self.deadline = time.monotonic() + timeouts.client_head
             self._process()
+        else:
+            self.deadline = time.monotonic() + timeouts.client_idle
 
     # -- output: writes made while the origin's bytes are being delivered are joined into
     # one send (head and body of a small response in one segment, not two syscalls).
