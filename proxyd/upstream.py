@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from . import errors
 from .policy import DestinationPolicy
+from .resolver import Resolver
 from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, ParseError,
                     ResponseHead, ResponseParser)
 from .transport import SocketTransport
@@ -346,6 +347,7 @@ class Connector:
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
+        self.resolver = Resolver()
 
     async def open(self, pool: Pool) -> tuple[UpstreamConnection, float]:
         """Open a connection for ``pool``; returns it and the handshake time in seconds."""
@@ -383,7 +385,7 @@ class Connector:
     async def connect_tcp(self, loop: asyncio.AbstractEventLoop, host: str,
                           port: int) -> socket.socket:
         """Resolve, check each address against the policy, connect to the first that works."""
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await self.resolver.resolve(loop, host, port)
         last: BaseException = OSError(f"no addresses for {host}")
         for family, type_, proto, _, addr in infos:
             try:
