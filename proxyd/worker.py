@@ -37,7 +37,7 @@ _STATS_EVERY = 1.0    # seconds between stats reports to the master
 # worker still has idle warm connections for them (then the capacity check below does the
 # sharing, and a burst is taken in one pass instead of one loop iteration per client,
 # each also carrying pool refills: 16 clients were spread over 15 ms that way).
-_ACCEPT_BATCH = 16
+_ACCEPT_BATCH = 1
 _FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
 # How long a worker leaves new connections to the others when its warm pools are spoken for
 # (see _has_warm_capacity): about one round trip to the origins, estimated from the warm

@@ -314,3 +314,74 @@ async def test_connect_errors_map_to_proxy_status(ca_pem):
         status, headers, body = await fetch(port, "GET", f"http://127.0.0.1:{port_closed}/")
         assert status == 502 and "error=connection_refused" in headers["proxy-status"]
         assert b"refused" in body
+
+
+# --------------------------------------------------------------------------------------------
+# TLS session reuse: reading a session costs ~170 µs, so the pool keeps one ticket
+# --------------------------------------------------------------------------------------------
+
+class FakeSession:
+    def __init__(self, lifetime: int = 300) -> None:
+        self.timeout = 7200
+        self.ticket_lifetime_hint = lifetime
+
+
+class FakeConn:
+    def __init__(self, session: FakeSession | None) -> None:
+        self.session = session
+        self.reads = 0
+
+    def tls_session(self) -> FakeSession | None:
+        self.reads += 1
+        return self.session
+
+
+def session_pool() -> Pool:
+    from proxyd.config import OriginConfig
+    from proxyd.http1 import ParserLimits
+    from proxyd.metrics import WorkerStats
+    return Pool(OriginKey("origin.test", 443, True), OriginConfig(host="origin.test"),
+                None, WorkerStats(), ParserLimits(), 1.0, 10)  # type: ignore[arg-type]
+
+
+def test_pool_keeps_one_ticket_for_half_its_lifetime(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("proxyd.pool.time.monotonic", lambda: now[0])
+    pool = session_pool()
+    ticket = FakeSession(lifetime=300)
+    conns = [FakeConn(None) for _ in range(10)] + [FakeConn(ticket)]
+    pool.idle.extend(conns)  # the ticket holder is on top (LIFO): looked at first
+    assert pool.tls_session() is ticket
+    reads = sum(c.reads for c in conns)
+    for _ in range(20):
+        assert pool.tls_session() is ticket
+    assert sum(c.reads for c in conns) == reads == 1  # no session read while it is kept
+    now[0] += 151  # past half of the 300 s lifetime: looked up again
+    newer = FakeSession()
+    conns[-1].session = newer
+    assert pool.tls_session() is newer
+
+
+def test_pool_looks_for_a_ticket_in_few_connections_and_not_on_every_open(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("proxyd.pool.time.monotonic", lambda: now[0])
+    pool = session_pool()
+    conns = [FakeConn(None) for _ in range(32)]  # tickets not arrived yet
+    pool.idle.extend(conns)
+    for _ in range(16):  # a burst of refills
+        assert pool.tls_session() is None
+    assert sum(c.reads for c in conns) <= 4
+    now[0] += 1.5
+    conns[-1].session = FakeSession()
+    assert pool.tls_session() is conns[-1].session
+
+
+def test_closing_connection_leaves_its_ticket_only_when_none_is_kept(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("proxyd.pool.time.monotonic", lambda: now[0])
+    pool = session_pool()
+    first, second = FakeConn(FakeSession()), FakeConn(FakeSession())
+    pool.on_closed(first, "max_requests")  # type: ignore[arg-type]
+    assert pool.tls_session() is first.session
+    pool.on_closed(second, "max_requests")  # type: ignore[arg-type]
+    assert second.reads == 0 and pool.tls_session() is first.session
