@@ -33,10 +33,10 @@ log = logging.getLogger("proxyd.worker")
 
 _TICK = 0.25          # seconds between housekeeping passes (deadlines, pool upkeep)
 _STATS_EVERY = 1.0    # seconds between stats reports to the master
-# Connections accepted per wake-up: one, so that workers share a burst, except while this
-# worker still has idle warm connections for them (then the capacity check below does the
-# sharing, and a burst is taken in one pass instead of one loop iteration per client,
-# each also carrying pool refills: 16 clients were spread over 15 ms that way).
+# Connections accepted per wake-up: one, so that workers share a burst and each accept is
+# followed by the reads of clients already accepted (taking up to 16 per pass made the
+# first ones wait for their requests to be read: the after-idle WAN burst of bench/run went
+# from 1.4 to 2.0 RTT).
 _ACCEPT_BATCH = 1
 _FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
 # How long a worker leaves new connections to the others when its warm pools are spoken for
@@ -168,9 +168,7 @@ class Worker:
 
     def _accept(self) -> None:
         loop = asyncio.get_running_loop()
-        for taken in range(_ACCEPT_BATCH):
-            if taken and not (self._warm_pools and self._has_warm_capacity()):
-                return  # the next wake-up decides (and defers if there is no capacity)
+        for _ in range(_ACCEPT_BATCH):
             if len(self.clients) >= self.limits.client_connections:
                 self._stop_accepting()  # resumed by client_closed()
                 return
