@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # proxyd from this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import test_adversarial as adv  # noqa: E402  (the suite's fuzzer: mutations and oracle)
 
