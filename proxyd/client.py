@@ -131,6 +131,13 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.worker.stats.bytes_from_clients += len(data)
         state = self.state
+        if state is ClientState.HEAD and not self._in_loop and type(data) is bytes:
+            req = self.parser.take_plain(data)
+            if req is not None:
+                # The common case in one step; pipelined bytes after it stay buffered and
+                # are parsed when this exchange ends (_finish).
+                self._begin(req)
+                return
         if state is ClientState.TUNNEL:
             self.tunnel.from_client(data)  # type: ignore[union-attr]
             return
@@ -256,7 +263,8 @@ class ClientConnection(asyncio.Protocol):
         self.head_started = False
         self.keep_alive = req.keep_alive and not worker.draining
         try:
-            self._check(req)
+            if not req.plain or worker.access.users:
+                self._check(req)  # (a plain request has nothing else to check)
             if req.method == b"CONNECT":
                 host, port = worker.router.route_connect(req.target)
                 worker.connector.policy.check_host(host)

@@ -140,21 +140,8 @@ class _Head:
 
     __slots__ = ("version", "_headers", "_lnames", "framing", "content_length", "keep_alive",
                  "connection_tokens", "raw_block", "plain")
-
-    def _init(self, version: int, headers: Headers | None, framing: Framing,
-              content_length: int, keep_alive: bool, connection_tokens: frozenset[bytes],
-              lnames: list[bytes] | None, raw_block: bytes) -> None:
-        self.version = version  # 10 or 11
-        self._headers = headers if headers is not None or raw_block else []
-        self._lnames = lnames
-        self.framing = framing
-        self.content_length = content_length
-        self.keep_alive = keep_alive
-        self.connection_tokens = connection_tokens
-        self.raw_block = raw_block  # the field section as received (validated)
-        # True when the parser's plain path took the head: fields valid with canonical
-        # whitespace, and none that a proxy must act on beyond what the path checked.
-        self.plain = False
+    # plain: True when the parser's plain path took the head: fields valid with canonical
+    # whitespace, and none that a proxy must act on beyond what that path checked.
 
     @property
     def headers(self) -> Headers:
@@ -202,8 +189,16 @@ class RequestHead(_Head):
         self.method = method
         self.target = target
         self.plain_host = b""  # with plain: the one Host field's value
-        self._init(version, headers, framing, content_length, keep_alive, connection_tokens,
-                   lnames, raw_block)
+        # The shared fields, set here rather than in a _Head method: two heads per request.
+        self.version = version  # 10 or 11
+        self._headers = headers if headers is not None or raw_block else []
+        self._lnames = lnames
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.connection_tokens = connection_tokens
+        self.raw_block = raw_block  # the field section as received (validated)
+        self.plain = False  # see _Head.plain
 
     @property
     def has_body(self) -> bool:
@@ -233,8 +228,15 @@ class ResponseHead(_Head):
         self.status = status
         self.reason = reason
         self.keep_alive_field: bytes | None = None  # with plain: the Keep-Alive value, if any
-        self._init(version, headers, framing, content_length, keep_alive, connection_tokens,
-                   lnames, raw_block)
+        self.version = version
+        self._headers = headers if headers is not None or raw_block else []
+        self._lnames = lnames
+        self.framing = framing
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.connection_tokens = connection_tokens
+        self.raw_block = raw_block
+        self.plain = False
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not ResponseHead:
@@ -783,6 +785,17 @@ class RequestParser(_Parser):
             self._state = _State.ERROR
             raise
         self._enter_body(req.framing, req.content_length)
+        return req
+
+    def take_plain(self, data: bytes) -> RequestHead | None:
+        """Feed ``data`` and return its request at once when it starts with a complete plain
+        head and nothing is buffered before it (the usual keep-alive request); otherwise
+        return None with nothing fed (use :meth:`feed` and :meth:`next_event`)."""
+        if self._state is not _State.HEAD or self._buf or self._eof or data[:2] == b"\r\n":
+            return None
+        req = self._plain_head(data)
+        if req is not None:
+            self.bytes_in += len(data)
         return req
 
     def _plain_head(self, buf: bytes) -> RequestHead | None:

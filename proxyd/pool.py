@@ -105,7 +105,7 @@ class Pool:
         """
         now = time.monotonic()
         self.last_used = now
-        if not fresh:
+        if not fresh and self.idle:
             conn = self._pop_idle(now)
             if conn is not None:
                 self._hand(conn, waiter, reused=True)

@@ -18,6 +18,8 @@ from .errors import ParseError, ProxyError
 _REG_NAME = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=]+")
 # absolute-form: scheme "://" authority path-abempty [ "?" query ] (RFC 3986 §3)
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.S)
+# The usual target in one match: http(s), an authority, a path without a fragment.
+_HTTP_TARGET = re.compile(rb"(?i:https?)://([^/?#]*)(/[^#]*)")
 _CACHE_SIZE = 1024
 
 
@@ -93,6 +95,13 @@ class Router:
         """Route a non-CONNECT request; raises :class:`ProxyError` with a clear reason."""
         if target[:1] == b"/" or target == b"*":
             return self._route_origin_form(method, target)
+        m = _HTTP_TARGET.fullmatch(target)
+        if m is not None:
+            authority, path = m.groups()
+            cached = self._cache.get(authority)
+            if cached is None:
+                cached = self._resolve(authority)
+            return Route(cached[0], path, authority, cached[1])
         m = _ABSOLUTE.match(target)
         if m is None or m.group(1).lower() not in (b"http", b"https"):
             raise ParseError("request target must be an absolute http:// URI")

@@ -693,3 +693,28 @@ def test_plain_response_forwarded_as_the_general_path_would(data, keep_alive, ve
     plain = client_response_head(head, head.framing, keep_alive, version, VIA)
     general = client_response_head(_general(head), head.framing, keep_alive, version, VIA)
     assert plain == general
+
+
+ROUTE_TARGETS = [b"http://Host:8443/p?q", b"http://h", b"http://h/", b"http://h?x=1",
+                 b"HTTP://EXAMPLE.Test/A", b"https://h/s", b"http://[::1]:8443/x",
+                 b"http://10.0.0.1:8080//a//b", b"http://u@h/", b"http://h/p#frag",
+                 b"http://h#frag", b"ftp://h/", b"http:///p", b"http://h:0/", b"http://h:8a/",
+                 b"http://[::1/", b"http://h<x>/", b"hTTpS://h:1/%41?b=c"]
+
+
+def _route_or_error(target: bytes, method: bytes = b"GET"):
+    try:
+        return Router(Config()).route(method, target)
+    except ProxyError as exc:
+        return (exc.status, exc.reason)
+
+
+@pytest.mark.parametrize("target", ROUTE_TARGETS)
+@pytest.mark.parametrize("method", [b"GET", b"OPTIONS"])
+def test_route_fast_match_agrees_with_the_general_parse(target, method, monkeypatch):
+    import re
+
+    import proxyd.router
+    fast = _route_or_error(target, method)
+    monkeypatch.setattr(proxyd.router, "_HTTP_TARGET", re.compile(rb"(?!)"))
+    assert fast == _route_or_error(target, method)
