@@ -35,6 +35,7 @@ _RESPONSE_SLOW = HOP_BY_HOP - {b"content-length", b"connection", b"keep-alive"}
 _CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
 # Connection and Keep-Alive lines of a validated field section (values hold no CR or LF).
 _CONNECTION_LINES = re.compile(rb"(?im)^(?:connection|keep-alive):[^\r\n]*\r\n")
+_USUAL_CONNECTION = b"\r\nConnection: keep-alive\r\n"
 
 
 def _filtered(head: RequestHead | ResponseHead) -> Headers:
@@ -131,7 +132,12 @@ def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bo
         if out_framing is not resp.framing:
             return None
         block = resp.raw_block
-        if resp.connection_tokens or resp.keep_alive_field is not None:
+        if resp.connection_tokens and resp.keep_alive_field is None:
+            # The usual origin line, exactly as nginx and most servers send it, goes with a
+            # plain replace (a plain head has one Connection line; CRLF only ends lines).
+            cut = (b"\r\n" + block).replace(_USUAL_CONNECTION, b"\r\n", 1)
+            block = cut[2:] if len(cut) < len(block) + 2 else _CONNECTION_LINES.sub(b"", block)
+        elif resp.connection_tokens or resp.keep_alive_field is not None:
             block = _CONNECTION_LINES.sub(b"", block)
         return _response_head_bytes(resp, block, keep_alive, client_version, via)
     lnames = lower_names(resp)

@@ -662,6 +662,10 @@ PLAIN_RESPONSES = [
     b"HTTP/1.1 404 Not Found\r\nconnection: close\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nhi",
     b"HTTP/1.1 500 \r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nX-Connection: keep-alive\r\nContent-Length: 2\r\n"
+    b"Connection: keep-alive\r\n\r\nhi",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCONNECTION: Keep-Alive\r\n\r\nhi",
 ]
 
 
