@@ -30,11 +30,14 @@ FORBIDDEN_TRAILERS = frozenset({
 
 # Fast paths forward the received field section as it is when nothing in it needs changing,
 # instead of rebuilding it field by field. These are the names that rule a fast path out.
-_REQUEST_SLOW = HOP_BY_HOP - {b"host", b"content-length"} | {b"expect"}
+_REQUEST_SLOW = (HOP_BY_HOP - {b"host", b"content-length", b"connection", b"keep-alive",
+                              b"proxy-connection"} | {b"expect"})
 _RESPONSE_SLOW = HOP_BY_HOP - {b"content-length", b"connection", b"keep-alive"}
 _CONNECTION_PLAIN = frozenset({b"keep-alive", b"close"})
 # Connection and Keep-Alive lines of a validated field section (values hold no CR or LF).
 _CONNECTION_LINES = re.compile(rb"(?im)^(?:connection|keep-alive):[^\r\n]*\r\n")
+# ... and, in a request, Proxy-Connection (what curl sends to a proxy) as well.
+_REQUEST_HOP_LINES = re.compile(rb"(?im)^(?:connection|keep-alive|proxy-connection):[^\r\n]*\r\n")
 _USUAL_CONNECTION = b"\r\nConnection: keep-alive\r\n"
 
 
@@ -71,17 +74,23 @@ def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: byt
     """Serialise the request as sent to the origin (always HTTP/1.1, origin-form)."""
     if req.plain and req.plain_host == host:
         # The parser checked everything the next condition does.
-        return (req.method + b" " + target + b" HTTP/1.1\r\n" + req.raw_block
-                + b"Via: " + via + b"\r\n\r\n")
+        block = req.raw_block
+        if req.plain_hop_lines:
+            block = _REQUEST_HOP_LINES.sub(b"", block)
+        return req.method + b" " + target + b" HTTP/1.1\r\n" + block + b"Via: " + via + b"\r\n\r\n"
     lnames = lower_names(req)
     if (req.raw_block and plain_ows(req.raw_block) and _REQUEST_SLOW.isdisjoint(lnames)
             and lnames.count(b"host") == 1
             and req.get(b"host") == host and lnames.count(b"content-length") <= 1
             and (req.framing is Framing.NONE
-                 or req.get(b"content-length") == b"%d" % req.content_length)):
-        # Nothing hop-by-hop, Host already the URI's authority, canonical framing.
-        return (req.method + b" " + target + b" HTTP/1.1\r\n" + req.raw_block
-                + b"Via: " + via + b"\r\n\r\n")
+                 or req.get(b"content-length") == b"%d" % req.content_length)
+            and _plain_hop_fields(req, lnames)):
+        # Nothing hop-by-hop but the connection's own persistence fields (dropped here),
+        # Host already the URI's authority, canonical framing.
+        block = req.raw_block
+        if b"connection" in lnames or b"keep-alive" in lnames or b"proxy-connection" in lnames:
+            block = _REQUEST_HOP_LINES.sub(b"", block)
+        return req.method + b" " + target + b" HTTP/1.1\r\n" + block + b"Via: " + via + b"\r\n\r\n"
     headers: Headers = [(b"Host", host)]
     headers += _filtered(req)
     if req.version < 11:
@@ -96,6 +105,15 @@ def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: byt
         headers += [(b"TE", b"trailers"), (b"Connection", b"TE")]
     headers.append((b"Via", via))
     return serialize_head(req.method + b" " + target + b" HTTP/1.1", headers)
+
+
+def _plain_hop_fields(req: RequestHead, lnames: list[bytes]) -> bool:
+    """Connection says only keep-alive or close (it names no field to remove), and
+    Proxy-Connection the same: the lines can simply be dropped."""
+    if not req.connection_tokens <= _CONNECTION_PLAIN or lnames.count(b"connection") > 1:
+        return False
+    return all(v.lower() in _CONNECTION_PLAIN
+               for n, (_, v) in zip(lnames, req.headers) if n == b"proxy-connection")
 
 
 def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bool,

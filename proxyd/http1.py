@@ -66,7 +66,8 @@ _PLAIN_REQUEST = re.compile(
 _PLAIN_RESPONSE = re.compile(
     rb"HTTP/1\.([01]) ([2-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n" + _PLAIN_FIELDS)
 # The fields a proxy acts on (framing, hop-by-hop, routing, expectations, loops); a plain
-# request holds exactly one of them, Host. Searched from the CRLF that ends the line before
+# request holds one Host and at most Connection: keep-alive|close, Proxy-Connection and
+# Keep-Alive (removed when forwarded). Searched from the CRLF that ends the line before
 # (CRLF only ever ends a line of a matched head; a literal prefix is the regex engine's
 # fastest scan), on canonical whitespace, so the value is exactly what follows ": ".
 _REQUEST_SPECIAL = re.compile(
@@ -180,7 +181,7 @@ class _Head:
 class RequestHead(_Head):
     """A parsed request line and header section."""
 
-    __slots__ = ("method", "target", "plain_host")
+    __slots__ = ("method", "target", "plain_host", "plain_hop_lines")
 
     def __init__(self, method: bytes, target: bytes, version: int, headers: Headers | None = None,
                  framing: Framing = Framing.NONE, content_length: int = 0,
@@ -189,6 +190,7 @@ class RequestHead(_Head):
         self.method = method
         self.target = target
         self.plain_host = b""  # with plain: the one Host field's value
+        self.plain_hop_lines = False  # with plain: Connection/Proxy-Connection/Keep-Alive lines
         # The shared fields, set here rather than in a _Head method: two heads per request.
         self.version = version  # 10 or 11
         self._headers = headers if headers is not None or raw_block else []
@@ -811,16 +813,35 @@ class RequestParser(_Parser):
         limits = self.limits
         if m.start(4) - 2 > limits.request_line or block.count(b"\n") > limits.header_count:
             return None
-        special = _REQUEST_SPECIAL.findall(buf, m.start(4) - 2, end + 2)
-        if len(special) != 1 or special[0][0].lower() != b"host":
-            return None  # framing, hop-by-hop, Expect, Via, or no single Host: general path
+        host = None
+        tokens = _NO_TOKENS
+        hop_lines = False
+        for name, value in _REQUEST_SPECIAL.findall(buf, m.start(4) - 2, end + 2):
+            name = name.lower()
+            if name == b"host" and host is None:
+                host = value
+            elif name == b"connection" and not tokens:
+                # What requests (keep-alive) and scripts (close) send; anything else may
+                # name fields to remove: general path.
+                tokens = _PLAIN_CONNECTION.get(value.lower())  # type: ignore[assignment]
+                if tokens is None:
+                    return None
+                hop_lines = True
+            elif name == b"proxy-connection" or name == b"keep-alive":
+                hop_lines = True  # hop-by-hop (curl sends Proxy-Connection to proxies)
+            else:
+                return None  # framing, TE, Upgrade, Expect, Via, auth, a second Host
+        if host is None:
+            return None
         version = 11 if minor == b"1" else 10
-        # RFC 9112 §6.3: no Content-Length or Transfer-Encoding, no body; §9.3: with no
-        # Connection field, HTTP/1.1 persists and HTTP/1.0 does not.
-        req = RequestHead(method, target, version, None, Framing.NONE, 0, version == 11,
-                          _NO_TOKENS, None, block)
+        # RFC 9112 §6.3: no Content-Length or Transfer-Encoding, no body; §9.3: "close"
+        # ends the connection, and HTTP/1.0 persists only with "keep-alive".
+        keep_alive = tokens is not _CLOSE_TOKENS if tokens else version == 11
+        req = RequestHead(method, target, version, None, Framing.NONE, 0, keep_alive, tokens,
+                          None, block)
         req.plain = True
-        req.plain_host = special[0][1]
+        req.plain_host = host
+        req.plain_hop_lines = hop_lines
         self._buf = buf[end + 4:] if len(buf) > end + 4 else b""
         self._scan_from = 0
         self._leading_crlf = 0

@@ -654,6 +654,14 @@ PLAIN_REQUESTS = [
     b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n",
     b"GET http://a.test/x HTTP/1.0\r\nhost: a.test\r\nUser-Agent: u\r\n\r\n",
     b"DELETE http://a.test:8080/x HTTP/1.1\r\nX-A: 1\r\nHost: a.test:8080\r\n\r\n",
+    # requests.get (Connection: keep-alive), curl through a proxy (Proxy-Connection), and
+    # scripts that say close: the persistence fields are this hop's and are dropped.
+    b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nUser-Agent: python-requests/2.32\r\n"
+    b"Accept-Encoding: gzip, deflate\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n",
+    b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nUser-Agent: curl/7.88.1\r\n"
+    b"Accept: */*\r\nProxy-Connection: Keep-Alive\r\n\r\n",
+    b"GET http://a.test/x HTTP/1.0\r\nConnection: close\r\nKeep-Alive: 300\r\nHost: a.test\r\n"
+    b"\r\n",
 ]
 PLAIN_RESPONSES = [
     b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\n\r\nhi",
@@ -677,13 +685,21 @@ def _general(head):
 
 @pytest.mark.parametrize("data", PLAIN_REQUESTS)
 @pytest.mark.parametrize("host", [b"a.test", b"a.test:8080", b"other.test"])
-def test_plain_request_forwarded_as_the_general_path_would(data, host):
+def test_plain_request_forwarded_as_the_general_path_would(data, host, monkeypatch):
     p = RequestParser()
     p.feed(data)
     head = p.next_event()
     assert head.plain
     plain = upstream_request_head(head, b"/x", host, VIA)
     assert plain == upstream_request_head(_general(head), b"/x", host, VIA)
+    # ... and the same head taken by the general parser
+    monkeypatch.setattr(RequestParser, "_plain_head", lambda self, buf: None)
+    p = RequestParser()
+    p.feed(data)
+    general = p.next_event()
+    assert not general.plain and general == head
+    assert upstream_request_head(general, b"/x", host, VIA) == plain
+    assert b"onnection" not in plain and b"Keep-Alive" not in plain
 
 
 @pytest.mark.parametrize("data", PLAIN_RESPONSES)

@@ -1316,7 +1316,14 @@ def test_plain_request_path_agrees_with_general_parser(data, limits, tail, monke
 @pytest.mark.parametrize("data, plain", [
     (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n", True),
     (b"GET http://a.test/ HTTP/1.0\r\nHOST: a.test\r\n\r\n", True),
-    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n", True),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: Keep-Alive\r\n"
+     b"Proxy-Connection: keep-alive\r\nKeep-Alive: 300\r\n\r\n", True),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive, Upgrade\r\n"
+     b"\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: x-secret\r\n\r\n", False),
+    (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n"
+     b"Connection: close\r\n\r\n", False),
     (b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", False),
     (b"GET http://a.test/ HTTP/1.1\r\nAccept: */*\r\n\r\n", False),
     (b"GET http://a.test/ HTTP/1.1\r\nHost:  a.test\r\n\r\n", False),
