@@ -108,12 +108,9 @@ def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: byt
 
 
 def _plain_hop_fields(req: RequestHead, lnames: list[bytes]) -> bool:
-    """Connection says only keep-alive or close (it names no field to remove), and
-    Proxy-Connection the same: the lines can simply be dropped."""
-    if not req.connection_tokens <= _CONNECTION_PLAIN or lnames.count(b"connection") > 1:
-        return False
-    return all(v.lower() in _CONNECTION_PLAIN
-               for n, (_, v) in zip(lnames, req.headers) if n == b"proxy-connection")
+    """Connection says only keep-alive or close (it names no field to remove), so the
+    persistence lines (Connection, Keep-Alive, Proxy-Connection) can simply be dropped."""
+    return req.connection_tokens <= _CONNECTION_PLAIN and lnames.count(b"connection") <= 1
 
 
 def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bool,

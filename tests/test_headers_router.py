@@ -662,6 +662,7 @@ PLAIN_REQUESTS = [
     b"Accept: */*\r\nProxy-Connection: Keep-Alive\r\n\r\n",
     b"GET http://a.test/x HTTP/1.0\r\nConnection: close\r\nKeep-Alive: 300\r\nHost: a.test\r\n"
     b"\r\n",
+    b"GET http://a.test/x HTTP/1.1\r\nProxy-Connection: whatever\r\nHost: a.test\r\n\r\n",
 ]
 PLAIN_RESPONSES = [
     b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\n\r\nhi",
