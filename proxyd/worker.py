@@ -82,6 +82,7 @@ class Worker:
                                    policy)
         self.host_rules = bool(dest.deny_hosts or dest.allow_hosts)
         self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by run()
         self.accepting = False
         # Accept balancing across workers (only with more than one worker).
         self.fresh_clients = 0  # accepted clients whose first request has not begun
@@ -135,7 +136,7 @@ class Worker:
     # -- life cycle ---------------------------------------------------------------------------
     async def run(self) -> None:
         """Serve until SIGTERM, then drain."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGQUIT, lambda: os._exit(0))
         self.sock.setblocking(False)
@@ -167,7 +168,9 @@ class Worker:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
+        # The loop run() saved: asyncio.get_running_loop() makes a getpid() syscall on every
+        # call (its fork check), and every worker wakes for every new connection.
+        loop = self._loop or asyncio.get_running_loop()
         for _ in range(_ACCEPT_BATCH):
             if len(self.clients) >= self.limits.client_connections:
                 self._stop_accepting()  # resumed by client_closed()
