@@ -264,7 +264,9 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = req.keep_alive and not worker.draining
         try:
             if not req.plain or worker.access.users:
-                self._check(req)  # (a plain request has nothing else to check)
+                # A plain request has one Host and no Via, Expect or Proxy-Authorization
+                # (the parser checked): only authentication is left to check.
+                self._check(req)
             if req.method == b"CONNECT":
                 host, port = worker.router.route_connect(req.target)
                 worker.connector.policy.check_host(host)
@@ -295,11 +297,6 @@ class ClientConnection(asyncio.Protocol):
     def _check(self, req: RequestHead) -> None:
         """Request-level rules that need no routing decision."""
         access = self.worker.access
-        if req.plain:
-            # One Host, no Via, no Expect, no Proxy-Authorization (the parser checked).
-            if access.users:
-                access.authenticate(None)  # 407
-            return
         lnames = lower_names(req)
         hosts = lnames.count(b"host")
         if hosts > 1 or (hosts == 0 and req.version >= 11):

@@ -73,23 +73,13 @@ def has_loop(headers: Headers, pseudonym: str) -> bool:
 def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: bytes) -> bytes:
     """Serialise the request as sent to the origin (always HTTP/1.1, origin-form)."""
     if req.plain and req.plain_host == host:
-        # The parser checked everything the next condition does.
-        block = req.raw_block
+        # The parser checked everything _section_as_received does.
+        block: bytes | None = req.raw_block
         if req.plain_hop_lines:
-            block = _REQUEST_HOP_LINES.sub(b"", block)
-        return req.method + b" " + target + b" HTTP/1.1\r\n" + block + b"Via: " + via + b"\r\n\r\n"
-    lnames = lower_names(req)
-    if (req.raw_block and plain_ows(req.raw_block) and _REQUEST_SLOW.isdisjoint(lnames)
-            and lnames.count(b"host") == 1
-            and req.get(b"host") == host and lnames.count(b"content-length") <= 1
-            and (req.framing is Framing.NONE
-                 or req.get(b"content-length") == b"%d" % req.content_length)
-            and _plain_hop_fields(req, lnames)):
-        # Nothing hop-by-hop but the connection's own persistence fields (dropped here),
-        # Host already the URI's authority, canonical framing.
-        block = req.raw_block
-        if b"connection" in lnames or b"keep-alive" in lnames or b"proxy-connection" in lnames:
-            block = _REQUEST_HOP_LINES.sub(b"", block)
+            block = _REQUEST_HOP_LINES.sub(b"", req.raw_block)
+    else:
+        block = _section_as_received(req, host)
+    if block is not None:
         return req.method + b" " + target + b" HTTP/1.1\r\n" + block + b"Via: " + via + b"\r\n\r\n"
     headers: Headers = [(b"Host", host)]
     headers += _filtered(req)
@@ -107,10 +97,25 @@ def upstream_request_head(req: RequestHead, target: bytes, host: bytes, via: byt
     return serialize_head(req.method + b" " + target + b" HTTP/1.1", headers)
 
 
-def _plain_hop_fields(req: RequestHead, lnames: list[bytes]) -> bool:
-    """Connection says only keep-alive or close (it names no field to remove), so the
-    persistence lines (Connection, Keep-Alive, Proxy-Connection) can simply be dropped."""
-    return req.connection_tokens <= _CONNECTION_PLAIN and lnames.count(b"connection") <= 1
+def _section_as_received(req: RequestHead, host: bytes) -> bytes | None:
+    """The request's field section to forward as received, or None to rebuild it.
+
+    As received when nothing in it is hop-by-hop but the connection's own persistence
+    fields (Connection saying only keep-alive or close, so it names no field to remove;
+    Keep-Alive; Proxy-Connection — their lines are dropped), Host is already the URI's
+    authority, and the framing is canonical.
+    """
+    lnames = lower_names(req)
+    if not (req.raw_block and plain_ows(req.raw_block) and _REQUEST_SLOW.isdisjoint(lnames)
+            and lnames.count(b"host") == 1 and req.get(b"host") == host
+            and lnames.count(b"content-length") <= 1
+            and (req.framing is Framing.NONE
+                 or req.get(b"content-length") == b"%d" % req.content_length)
+            and req.connection_tokens <= _CONNECTION_PLAIN and lnames.count(b"connection") <= 1):
+        return None
+    if b"connection" in lnames or b"keep-alive" in lnames or b"proxy-connection" in lnames:
+        return _REQUEST_HOP_LINES.sub(b"", req.raw_block)
+    return req.raw_block
 
 
 def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bool,

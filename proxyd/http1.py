@@ -173,9 +173,24 @@ class _Head:
         """First value of the field named ``lname`` (lower case), or None."""
         return _get(self, lname)
 
+    def _start(self) -> tuple[object, object]:
+        """The start line's own parts: (method, target) or (status, reason)."""
+        raise NotImplementedError
+
     def _key(self) -> tuple[object, ...]:
-        return (self.version, self.headers, self.framing, self.content_length,
+        return (*self._start(), self.version, self.headers, self.framing, self.content_length,
                 self.keep_alive, self.connection_tokens)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        first, second = self._start()
+        return (f"{type(self).__name__}({first!r}, {second!r}, {self.version}, "
+                f"{self.headers!r}, {self.framing!r}, {self.content_length}, "
+                f"{self.keep_alive}, {set(self.connection_tokens)!r})")
 
 
 class RequestHead(_Head):
@@ -207,15 +222,8 @@ class RequestHead(_Head):
         """True when body bytes follow the head."""
         return self.framing is Framing.CHUNKED or self.content_length > 0
 
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not RequestHead:
-            return NotImplemented
-        return (self.method, self.target, self._key()) == (other.method, other.target, other._key())
-
-    def __repr__(self) -> str:
-        return (f"RequestHead({self.method!r}, {self.target!r}, {self.version}, {self.headers!r}, "
-                f"{self.framing!r}, {self.content_length}, {self.keep_alive}, "
-                f"{set(self.connection_tokens)!r})")
+    def _start(self) -> tuple[bytes, bytes]:
+        return self.method, self.target
 
 
 class ResponseHead(_Head):
@@ -240,21 +248,14 @@ class ResponseHead(_Head):
         self.raw_block = raw_block
         self.plain = False
 
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not ResponseHead:
-            return NotImplemented
-        return (self.status, self.reason, self._key()) == (other.status, other.reason, other._key())
-
-    def __repr__(self) -> str:
-        return (f"ResponseHead({self.status}, {self.reason!r}, {self.version}, {self.headers!r}, "
-                f"{self.framing!r}, {self.content_length}, {self.keep_alive}, "
-                f"{set(self.connection_tokens)!r})")
+    def _start(self) -> tuple[int, bytes]:
+        return self.status, self.reason
 
 
 def _split_block(block: bytes) -> Headers:
-    """Field tuples of a field section the parser already validated."""
+    """Field tuples of a field section, one per valid line (a validated section: all)."""
     headers: Headers = _FIELD_ITEM.findall(block)
-    if b" \r\n" in block or b"\t\r\n" in block:
+    if b" \r\n" in block or b"\t\r\n" in block:  # trailing OWS is not part of a value
         headers = [(n, v.rstrip(b" \t")) for n, v in headers]
     return headers
 
@@ -490,13 +491,11 @@ class _Parser:
         lines = block.count(b"\n")
         if lines > self.limits.header_count:
             raise ParseError("too many header fields", status=431)
-        headers: Headers = _FIELD_ITEM.findall(block)
+        headers = _split_block(block)
         if len(headers) != lines:
             # Slow path, only for invalid input: find the offending line and say why.
             return self._parse_fields(block[:-2].split(b"\r\n"), self.limits.header_count,
                                       lnames)
-        if b" \r\n" in block or b"\t\r\n" in block:  # trailing OWS is not part of a value
-            headers = [(n, v.rstrip(b" \t")) for n, v in headers]
         lnames.extend([n.lower() for n, _ in headers])
         return headers
 
@@ -669,9 +668,8 @@ def lower_names(head: RequestHead | ResponseHead) -> list[bytes]:
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
-_KEEP_ALIVE_TOKENS = frozenset({b"keep-alive"})
-_CLOSE_TOKENS = frozenset({b"close"})
-_PLAIN_CONNECTION = {b"keep-alive": _KEEP_ALIVE_TOKENS, b"close": _CLOSE_TOKENS}
+# The Connection values a plain head may carry, and their token sets.
+_PLAIN_CONNECTION = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
 
 
 def plain_ows(block: bytes) -> bool:
@@ -834,11 +832,9 @@ class RequestParser(_Parser):
         if host is None:
             return None
         version = 11 if minor == b"1" else 10
-        # RFC 9112 §6.3: no Content-Length or Transfer-Encoding, no body; §9.3: "close"
-        # ends the connection, and HTTP/1.0 persists only with "keep-alive".
-        keep_alive = tokens is not _CLOSE_TOKENS if tokens else version == 11
-        req = RequestHead(method, target, version, None, Framing.NONE, 0, keep_alive, tokens,
-                          None, block)
+        # RFC 9112 §6.3: no Content-Length or Transfer-Encoding, no body.
+        req = RequestHead(method, target, version, None, Framing.NONE, 0,
+                          _keep_alive(version, tokens), tokens, None, block)
         req.plain = True
         req.plain_host = host
         req.plain_hop_lines = hop_lines
@@ -1040,11 +1036,9 @@ class ResponseParser(_Parser):
         if length == -1:
             return None  # no Content-Length: close-delimited (general path)
         version = 11 if minor == b"1" else 10
-        # RFC 9112 §9.3: "close" ends the connection; HTTP/1.0 persists only on keep-alive.
-        keep_alive = tokens is not _CLOSE_TOKENS if tokens else version == 11
         head = ResponseHead(status, reason or b"", version, None,
-                            Framing.LENGTH if length else Framing.NONE, length, keep_alive,
-                            tokens, None, block)
+                            Framing.LENGTH if length else Framing.NONE, length,
+                            _keep_alive(version, tokens), tokens, None, block)
         head.plain = True
         head.keep_alive_field = keep_alive_field
         return head

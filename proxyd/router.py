@@ -76,6 +76,21 @@ def split_authority(authority: str) -> tuple[str, int | None]:
     return host.lower(), port
 
 
+def _absolute_parts(method: bytes, target: bytes) -> tuple[bytes, bytes]:
+    """Authority and origin-form target of any absolute-form target, or a clear error."""
+    m = _ABSOLUTE.match(target)
+    if m is None or m.group(1).lower() not in (b"http", b"https"):
+        raise ParseError("request target must be an absolute http:// URI")
+    _, authority, path = m.groups()
+    if b"#" in path:
+        raise ParseError("fragment in request target")
+    if not path:
+        path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 §3.2.4
+    elif path[:1] == b"?":
+        path = b"/" + path
+    return authority, path
+
+
 class Router:
     """Maps request targets to origins, using the configured origins first."""
 
@@ -98,20 +113,8 @@ class Router:
         m = _HTTP_TARGET.fullmatch(target)
         if m is not None:
             authority, path = m.groups()
-            cached = self._cache.get(authority)
-            if cached is None:
-                cached = self._resolve(authority)
-            return Route(cached[0], path, authority, cached[1])
-        m = _ABSOLUTE.match(target)
-        if m is None or m.group(1).lower() not in (b"http", b"https"):
-            raise ParseError("request target must be an absolute http:// URI")
-        _, authority, path = m.groups()
-        if b"#" in path:
-            raise ParseError("fragment in request target")
-        if not path:
-            path = b"*" if method == b"OPTIONS" else b"/"  # RFC 9112 §3.2.4
-        elif path[:1] == b"?":
-            path = b"/" + path
+        else:
+            authority, path = _absolute_parts(method, target)
         cached = self._cache.get(authority)
         if cached is None:
             cached = self._resolve(authority)
