@@ -23,6 +23,7 @@ import signal
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -904,23 +905,27 @@ def sc_latency(env: Env) -> tuple[dict, list[Row]]:
 def burst(inst: ProxyInst, n: int, timeout: float = 30.0) -> list[tuple[float, int, int] | str]:
     """``n`` concurrent first requests, each on its own new connection to the proxy.
 
-    Plain non-blocking sockets and one selector, so the client adds little of its own: all
-    connects are issued first, each request is written as soon as its socket is connected,
-    and each latency runs from that socket's connect() to the last byte of its response.
+    Each latency runs from that socket's connect() to the moment the kernel received the
+    last byte of its response (SO_TIMESTAMPNS), so the client's own work is not charged to
+    the proxy: the sockets are made before any clock starts, each request is written right
+    after its connect() (loopback connects complete at once; a select() waits otherwise),
+    and responses read later than they arrived keep their arrival time.
     """
     req = (f"GET {inst.uri('1k')} HTTP/1.1\r\nHost: {inst.host_header}\r\n"
            "User-Agent: proxyd-bench\r\n\r\n").encode()
     sel = selectors.DefaultSelector()
-    state: dict[socket.socket, list[Any]] = {}   # sock -> [t0, buffer]
+    state: dict[socket.socket, list[Any]] = {}   # sock -> [t0 (wall clock), buffer]
     out: list[tuple[float, int, int] | str] = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        t0 = time.perf_counter()
+    socks = [_burst_socket() for _ in range(n)]
+    for s in socks:
+        t0 = time.time()
         s.connect_ex(("127.0.0.1", inst.port))
         state[s] = [t0, bytearray()]
-        sel.register(s, selectors.EVENT_WRITE)
+        try:
+            s.send(req)
+            sel.register(s, selectors.EVENT_READ)
+        except OSError:  # not connected yet (or refused: the select tells which)
+            sel.register(s, selectors.EVENT_WRITE)
     deadline = time.monotonic() + timeout
     while state and time.monotonic() < deadline:
         for key, ev in sel.select(0.5):
@@ -936,7 +941,7 @@ def burst(inst: ProxyInst, n: int, timeout: float = 30.0) -> list[tuple[float, i
                     continue
             else:
                 try:
-                    data = s.recv(65536)
+                    data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(16))
                 except OSError as exc:
                     out.append(f"recv: {exc}")
                     data = None
@@ -949,7 +954,7 @@ def burst(inst: ProxyInst, n: int, timeout: float = 30.0) -> list[tuple[float, i
                     if m is None or len(buf) < end + 4 + int(m.group(1)):
                         continue
                     status = int(bytes(buf[:end]).split(b" ", 2)[1])
-                    out.append((time.perf_counter() - t0, status, len(buf) - end - 4))
+                    out.append((_arrival(anc) - t0, status, len(buf) - end - 4))
                 elif data is not None:
                     out.append(f"closed after {len(buf)} bytes: {bytes(buf[:200])!r}")
             sel.unregister(s)
@@ -960,6 +965,29 @@ def burst(inst: ProxyInst, n: int, timeout: float = 30.0) -> list[tuple[float, i
         s.close()
     sel.close()
     return out
+
+
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux
+
+
+def _burst_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        pass  # no kernel timestamps: the read time stands in
+    return s
+
+
+def _arrival(anc: list[tuple[int, int, bytes]]) -> float:
+    """Wall-clock time the kernel received the bytes of one recvmsg(); now without one."""
+    for level, kind, value in anc:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
+            sec, nsec = struct.unpack("qq", value[:16])
+            return sec + nsec * 1e-9
+    return time.time()
 
 
 def sc_wan(env: Env) -> tuple[dict, list[Row]]:
