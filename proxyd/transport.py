@@ -2,9 +2,10 @@
 
 Why: asyncio's selector transport and, above all, its SSL layer (``sslproto``: a MemoryBIO
 pair shuffled by several Python methods per read and per write) cost a measurable share of
-proxyd's CPU per request. Here the socket is driven directly from ``loop.add_reader`` /
-``loop.add_writer`` callbacks, and TLS goes through ``ssl.SSLSocket`` on the socket itself,
-so OpenSSL reads and writes the kernel socket with no Python copy in between.
+proxyd's CPU per request. Here the sockets of a loop sit in one epoll set of their own
+(:class:`_Reactor`, itself one asyncio reader) whose events call the transports directly,
+and TLS goes through ``ssl.SSLSocket`` on the socket itself, so OpenSSL reads and writes
+the kernel socket with no Python copy in between.
 
 Only the subset of :class:`asyncio.Transport` that proxyd uses is implemented, with
 asyncio's semantics: ``write``/``writelines``, ``close`` (flush, then close), ``abort``,
@@ -30,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import ssl
+import weakref
 from typing import Any
 
 log = logging.getLogger("proxyd")
@@ -46,6 +49,66 @@ _TLS_PIECE = 262144      # most bytes handed to one SSL_write, so a retried piec
 _LINGER_TIME = 2.0       # longest a lingering close reads and drops the peer's bytes
 _HIGH_WATER = 65536      # asyncio's default write-buffer limits
 _LOW_WATER = _HIGH_WATER // 4
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP   # as selectors maps them
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
+
+class _Reactor:
+    """One epoll set for every SocketTransport of a loop, watched by one asyncio reader.
+
+    Why: asyncio's selector loop dispatches each readiness event through a SelectorKey, a
+    Handle and ``Context.run``, and ``add_reader``/``remove_reader`` build and drop a Handle
+    and a key each time — a few µs of Python per event and per new connection. Here one
+    ``epoll.poll(0)`` per wake-up returns the ready sockets and each transport is called
+    directly. Level-triggered like asyncio: a socket left unread is reported again.
+    """
+
+    __slots__ = ("_ep", "_fds", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ep = select.epoll()
+        self._fds: dict[int, SocketTransport] = {}
+        loop.add_reader(self._ep.fileno(), self._dispatch)
+
+    def watch(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
+        """Change what ``fd`` is watched for from mask ``old`` to ``new`` (0: nothing)."""
+        ep = self._ep
+        if not old:
+            self._fds[fd] = transport
+            ep.register(fd, new)
+        elif new:
+            ep.modify(fd, new)
+        else:
+            del self._fds[fd]
+            try:
+                ep.unregister(fd)
+            except OSError:
+                pass  # already closed: the kernel dropped it
+
+    def _dispatch(self) -> None:
+        fds = self._fds
+        for fd, events in self._ep.poll(0):
+            transport = fds.get(fd)
+            if transport is None:
+                continue  # unregistered by an earlier callback of this batch
+            try:
+                transport._on_events(events)
+            except Exception:  # noqa: BLE001 - one transport's bug must not stop the others
+                log.exception("event handling failed on %r", transport)
+                transport.abort()
+
+
+_reactors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reactor] = (
+    weakref.WeakKeyDictionary())
+
+
+def _reactor(loop: asyncio.AbstractEventLoop) -> _Reactor:
+    reactor = _reactors.get(loop)
+    if reactor is None:
+        reactor = _reactors[loop] = _Reactor(loop)
+    return reactor
 
 
 class SocketTransport(asyncio.Transport):
@@ -61,7 +124,7 @@ class SocketTransport(asyncio.Transport):
         "_closing", "_closed", "_paused", "_eof", "_eof_pending", "_eof_written",
         "_protocol_paused", "_reader_on", "_writer_on", "_read_wants_write",
         "_write_wants_read", "_peername", "_sockname", "tls_clean_eof", "_linger",
-        "_linger_timer")
+        "_linger_timer", "_reactor", "_mask", "_lingering")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  protocol: asyncio.BaseProtocol, peername: Any = None) -> None:
@@ -90,6 +153,9 @@ class SocketTransport(asyncio.Transport):
         self._sockname: Any = None
         self._linger = False
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._reactor = _reactor(loop)
+        self._mask = 0               # what the reactor watches the socket for
+        self._lingering = False      # reading only to drop the bytes (close_lingering)
         # TLS only: None until EOF, then True for a close_notify, False for a bare TCP close
         # (RFC 9112 §9.8: a close-delimited body is then possibly truncated).
         self.tls_clean_eof: bool | None = None
@@ -125,7 +191,7 @@ class SocketTransport(asyncio.Transport):
         """Register exactly the reader/writer callbacks the current state needs.
 
         Registration is tracked so that the hot path (a send that completes, a read) never
-        touches the selector: ``add_reader`` costs a Handle and an epoll_ctl each time.
+        touches the epoll set: a change costs an epoll_ctl.
         """
         if self._closed:
             return
@@ -133,19 +199,30 @@ class SocketTransport(asyncio.Transport):
         want_r = (reading and not self._read_wants_write) or self._write_wants_read
         want_w = (((self._piece is not None or len(self._buf) > 0) and not self._write_wants_read)
                   or (reading and self._read_wants_write))
-        loop = self._loop
-        if want_r is not self._reader_on:
+        if want_r is not self._reader_on or want_w is not self._writer_on:
             self._reader_on = want_r
-            if want_r:
-                loop.add_reader(self._fd, self._tls_readable if self._tls else self._read_plain)
-            else:
-                loop.remove_reader(self._fd)
-        if want_w is not self._writer_on:
             self._writer_on = want_w
-            if want_w:
-                loop.add_writer(self._fd, self._tls_writable if self._tls else self._write_plain)
+            self._watch((_IN if want_r else 0) | (_OUT if want_w else 0))
+
+    def _watch(self, mask: int) -> None:
+        if mask != self._mask:
+            self._reactor.watch(self._fd, self, self._mask, mask)
+            self._mask = mask
+
+    def _on_events(self, events: int) -> None:
+        """The reactor's call: the socket is ready for what ``events`` says."""
+        if events & _READ_EVENTS and self._reader_on:
+            if self._lingering:
+                self._linger_read()
+            elif self._tls:
+                self._tls_readable()
             else:
-                loop.remove_writer(self._fd)
+                self._read_plain()
+        if events & _WRITE_EVENTS and self._writer_on:
+            if self._tls:
+                self._tls_writable()
+            else:
+                self._write_plain()
 
     # -- reading ------------------------------------------------------------------------------
     def _read_plain(self) -> None:
@@ -513,13 +590,11 @@ class SocketTransport(asyncio.Transport):
         except OSError:
             self._teardown(None)
             return
-        loop = self._loop
-        if self._writer_on:
-            self._writer_on = False
-            loop.remove_writer(self._fd)
+        self._writer_on = False
         self._reader_on = True
-        loop.add_reader(self._fd, self._linger_read)  # replaces any reader callback
-        self._linger_timer = loop.call_later(_LINGER_TIME, self._teardown, None)
+        self._lingering = True  # the reader now drops what it reads
+        self._watch(_IN)
+        self._linger_timer = self._loop.call_later(_LINGER_TIME, self._teardown, None)
 
     def _linger_read(self) -> None:
         try:
@@ -546,23 +621,19 @@ class SocketTransport(asyncio.Transport):
         """Unregister, close the socket, schedule ``connection_lost`` (once)."""
         self._closing = True
         self._closed = True
-        loop = self._loop
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
-        if self._reader_on:
-            self._reader_on = False
-            loop.remove_reader(self._fd)
-        if self._writer_on:
-            self._writer_on = False
-            loop.remove_writer(self._fd)
+        self._reader_on = False
+        self._writer_on = False
+        self._watch(0)  # before close: the descriptor number may be reused at once
         self._buf.clear()
         self._piece = None
         try:
             self._sock.close()
         except OSError:
             pass
-        loop.call_soon(self._call_connection_lost, exc)
+        self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         protocol, self._protocol = self._protocol, None  # break the protocol <-> transport cycle

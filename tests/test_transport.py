@@ -419,6 +419,85 @@ async def test_exception_in_data_received_aborts_and_is_logged(caplog) -> None:
 
 
 @run
+async def test_a_transport_closed_by_another_in_the_same_batch_gets_no_event() -> None:
+    # Both sockets are readable before the loop runs, so one epoll.poll() returns both;
+    # whichever is served first aborts the other, whose event must then be dropped.
+    (c1, s1), (c2, s2) = tcp_socks(), tcp_socks()
+    transports: list[SocketTransport] = []
+
+    def abort_the_other(rec: Rec, data: bytes) -> None:
+        for t in transports:
+            if t is not rec.transport:
+                t.abort()
+
+    p1, p2 = Rec(on_data=abort_the_other), Rec(on_data=abort_the_other)
+    transports += [attach(c1, p1), attach(c2, p2)]
+    s1.sendall(b"one")
+    s2.sendall(b"two")
+    assert readable(c1, TIMEOUT) and readable(c2, TIMEOUT)
+    await spin()  # one poll serves both: an abort and its connection_lost
+    assert p1.lost + p2.lost == 1
+    assert p1.calls + p2.calls == 1  # the aborted one never saw its bytes
+    assert sorted([p1.lost, p2.lost]) == [0, 1]
+    for t in transports:
+        t.abort()
+    s1.close()
+    s2.close()
+
+
+@run
+async def test_descriptor_reused_after_close_is_watched_anew() -> None:
+    # A transport unregisters before closing its socket, so a new socket that gets the same
+    # descriptor number is watched for itself alone.
+    c, s = tcp_socks()
+    first = Rec()
+    tc = attach(c, first)
+    fd = c.fileno()
+    tc.abort()
+    other, s2 = tcp_socks()
+    os.dup2(other.fileno(), fd)  # the new connection on the number just closed
+    other.close()
+    c2 = socket.socket(fileno=fd)
+    second = Rec()
+    attach(c2, second)
+    s2.sendall(b"for the new one")
+    await second.until(lambda: bytes(second.data) == b"for the new one")
+    assert first.calls == 0 and first.lost == 1
+    s.close()
+    s2.close()
+
+
+def test_a_failure_inside_one_transport_does_not_stop_the_others(caplog, monkeypatch) -> None:
+    original = SocketTransport._on_events
+    broken: list[SocketTransport] = []
+
+    def on_events(self: SocketTransport, events: int) -> None:
+        if self in broken:
+            raise RuntimeError("transport bug")
+        original(self, events)
+
+    monkeypatch.setattr(SocketTransport, "_on_events", on_events)
+    _failure_does_not_stop_the_others(caplog, broken)
+
+
+@run
+async def _failure_does_not_stop_the_others(caplog, broken: list[SocketTransport]) -> None:
+    (c1, s1), (c2, s2) = tcp_socks(), tcp_socks()
+    p1, p2 = Rec(), Rec()
+    t1, t2 = attach(c1, p1), attach(c2, p2)
+    broken.append(t1)
+    with caplog.at_level(logging.ERROR, logger="proxyd"):
+        s1.sendall(b"x")
+        s2.sendall(b"y")
+        await p2.until(lambda: p2.calls == 1)
+        await p1.until(lambda: p1.lost == 1)
+    assert any("event handling failed" in r.getMessage() for r in caplog.records)
+    t2.abort()
+    s1.close()
+    s2.close()
+
+
+@run
 async def test_abort_in_connection_made() -> None:
     class Refuse(Rec):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
