@@ -14,7 +14,8 @@ asyncio's semantics: ``write``/``writelines``, ``close`` (flush, then close), ``
 buffer size and limits; and the protocol callbacks ``connection_made``, ``data_received``,
 ``eof_received`` (a truthy answer keeps the connection open for writing),
 ``pause_writing``/``resume_writing`` at asyncio's water marks and ``connection_lost``
-(exactly once, always from a fresh loop callback).
+(exactly once, never from inside ``close``/``abort``: at the end of the batch of events
+being dispatched, or from a fresh loop callback).
 
 Differences from asyncio that are deliberate:
 
@@ -65,12 +66,23 @@ class _Reactor:
     directly. Level-triggered like asyncio: a socket left unread is reported again.
     """
 
-    __slots__ = ("_ep", "_fds", "__weakref__")
+    __slots__ = ("_ep", "_fds", "_dispatching", "_after", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._ep = select.epoll()
         self._fds: dict[int, SocketTransport] = {}
+        self._dispatching = False
+        self._after: list[tuple[Any, BaseException | None]] = []  # run when the batch ends
         loop.add_reader(self._ep.fileno(), self._dispatch)
+
+    def connection_lost_soon(self, transport: SocketTransport,
+                             exc: BaseException | None) -> bool:
+        """Queue ``connection_lost`` for the end of the batch being dispatched; False when
+        no batch is (the caller schedules it on the loop)."""
+        if not self._dispatching:
+            return False
+        self._after.append((transport, exc))
+        return True
 
     def watch(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
         """Change what ``fd`` is watched for from mask ``old`` to ``new`` (0: nothing)."""
@@ -89,15 +101,31 @@ class _Reactor:
 
     def _dispatch(self) -> None:
         fds = self._fds
-        for fd, events in self._ep.poll(0):
-            transport = fds.get(fd)
-            if transport is None:
-                continue  # unregistered by an earlier callback of this batch
-            try:
-                transport._on_events(events)
-            except Exception:  # noqa: BLE001 - one transport's bug must not stop the others
-                log.exception("event handling failed on %r", transport)
-                transport.abort()
+        self._dispatching = True
+        try:
+            for fd, events in self._ep.poll(0):
+                transport = fds.get(fd)
+                if transport is None:
+                    continue  # unregistered by an earlier callback of this batch
+                try:
+                    transport._on_events(events)
+                except Exception:  # noqa: BLE001 - one transport's bug must not stop the others
+                    log.exception("event handling failed on %r", transport)
+                    transport.abort()
+            # connection_lost of the transports closed in this batch: after every event of
+            # it, as asyncio's call_soon would run them, without a loop pass of their own
+            # (a request on a new client connection ends with one).
+            after = self._after
+            while after:
+                transport, exc = after.pop(0)
+                transport._call_connection_lost(exc)
+        finally:
+            self._dispatching = False
+            if self._after:  # only after an exception above: not lost, just later
+                loop = asyncio.get_running_loop()
+                for transport, exc in self._after:
+                    loop.call_soon(transport._call_connection_lost, exc)
+                self._after.clear()
 
 
 _reactors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reactor] = (
@@ -633,7 +661,8 @@ class SocketTransport(asyncio.Transport):
             self._sock.close()
         except OSError:
             pass
-        self._loop.call_soon(self._call_connection_lost, exc)
+        if not self._reactor.connection_lost_soon(self, exc):
+            self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         protocol, self._protocol = self._protocol, None  # break the protocol <-> transport cycle
