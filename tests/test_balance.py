@@ -5,14 +5,18 @@ the socket options of accepted clients."""
 from __future__ import annotations
 
 import asyncio
+import queue
+import select
 import socket
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
 from proxyd import config
 from proxyd.router import OriginKey
-from proxyd.worker import _DEFER_CAP, _DEFER_MAX, Worker
+from proxyd.worker import _DEFER_CAP, _DEFER_MAX, Worker, _wake_alone
 
 
 async def _until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -162,3 +166,97 @@ def test_accepted_clients_have_tcp_nodelay(listener_nodelay: bool) -> None:
             c.close()
         lsock.close()
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# -- exclusive wake-ups -----------------------------------------------------------------------
+_EPOLL_WAITS = {"232", "281", "441"}  # x86_64 epoll_wait, epoll_pwait, epoll_pwait2
+
+
+def _blocked_in_epoll(tid: int) -> bool:
+    with open(f"/proc/self/task/{tid}/syscall") as f:
+        return f.read().split()[0] in _EPOLL_WAITS
+
+
+def _until_threads(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not hasattr(select, "EPOLLEXCLUSIVE"), reason="needs EPOLLEXCLUSIVE")
+def test_a_new_connection_wakes_one_waiting_worker_loop() -> None:
+    # Two loops (as two workers would) watch one listener. With the exclusive entry each
+    # new connection wakes one of them; without it both wake and one finds nothing.
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    accepted: queue.Queue[socket.socket] = queue.Queue()
+    empty = [0]
+    tids: list[int] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+    exclusive: list[bool] = []
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+
+        def on_ready() -> None:
+            try:
+                conn, _ = lsock.accept()
+            except BlockingIOError:
+                empty[0] += 1  # woken for a connection another loop took
+                return
+            accepted.put(conn)
+
+        loop.add_reader(lsock.fileno(), on_ready)
+        exclusive.append(_wake_alone(loop, lsock.fileno()))
+        tids.append(threading.get_native_id())
+        loops.append(loop)
+        loop.run_forever()
+        loop.remove_reader(lsock.fileno())
+        loop.close()
+
+    threads = [threading.Thread(target=serve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        _until_threads(lambda: len(tids) == 2, "both loops")
+        try:
+            _blocked_in_epoll(tids[0])
+        except OSError:
+            pytest.skip("no /proc/<pid>/task/<tid>/syscall here")
+        assert exclusive == [True, True]
+        for _ in range(20):
+            # Both loops asleep in epoll_wait, as idle workers are when a client connects.
+            _until_threads(lambda: all(_blocked_in_epoll(t) for t in tids), "idle loops")
+            client = socket.create_connection(lsock.getsockname(), timeout=5)
+            accepted.get(timeout=5).close()
+            client.close()
+        _until_threads(lambda: all(_blocked_in_epoll(t) for t in tids), "idle loops")
+        assert empty[0] == 0
+    finally:
+        for loop in loops:
+            loop.call_soon_threadsafe(loop.stop)
+        for t in threads:
+            t.join(5)
+        lsock.close()
+
+
+def test_a_draining_worker_takes_the_clients_already_queued() -> None:
+    # With exclusive wake-ups a queued client may have woken only this worker: stopping
+    # without taking it would leave it waiting for the next connection to wake another.
+    async def main() -> None:
+        w, lsock = _worker(workers=2, warm=0)
+        w._start_accepting()
+        assert w._exclusive
+        w._stop_accepting()  # before the loop could run the accept
+        clients = _connect(lsock.getsockname()[1], 2)
+        w.draining = True
+        w._accept_queued()
+        assert len(w.clients) == 2 and not w.accepting
+        for c in clients:
+            c.close()
+        lsock.close()
+    asyncio.run(main())
