@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import collections
 import os
+import selectors
 import signal
 import socket
 import struct
@@ -361,7 +362,14 @@ def main() -> None:
     except OSError:
         pass
     try:
-        asyncio.run(main_async(args))
+        # select() takes its timeout in microseconds; epoll (asyncio's default) in whole
+        # milliseconds, rounded up, which made deliveries 0.3 ms late at p50 and up to 2.5 ms
+        # at p99. The relay holds a few hundred descriptors at most (below FD_SETSIZE).
+        loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
+        try:
+            loop.run_until_complete(main_async(args))
+        finally:
+            loop.close()
     except KeyboardInterrupt:
         pass
 
