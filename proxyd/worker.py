@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import time
+from typing import Any
 
 from .access import Access, load_users
 from .accesslog import AccessLog
@@ -192,12 +193,7 @@ class Worker:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            conn.setblocking(False)
-            if not self._nodelay_inherited:
-                self._set_nodelay(conn)
-            # Attached synchronously: no Task and no connect_accepted_socket() round trip,
-            # so a connection is in self.clients (and counts against the limit) at once.
-            SocketTransport(loop, conn, ClientConnection(self), peer).start(read_now=True)
+            self._attach(loop, conn, peer)
             # Stop as soon as the spare warm connections are spoken for, not at the next
             # client's wake-up: with EPOLLEXCLUSIVE that wake-up is this worker's alone, and
             # a client left in the queue then would wait with no worker told about it.
@@ -219,10 +215,16 @@ class Worker:
                 conn, peer = self.sock.accept()
             except OSError:
                 return  # none left (or the listener was shut down: stopping)
-            conn.setblocking(False)
-            if not self._nodelay_inherited:
-                self._set_nodelay(conn)
-            SocketTransport(loop, conn, ClientConnection(self), peer).start(read_now=True)
+            self._attach(loop, conn, peer)
+
+    def _attach(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, peer: Any) -> None:
+        """Serve an accepted client; its request is read at once if it has arrived."""
+        conn.setblocking(False)
+        if not self._nodelay_inherited:
+            self._set_nodelay(conn)
+        # Attached synchronously: no Task and no connect_accepted_socket() round trip, so a
+        # connection is in self.clients (and counts against the limit) at once.
+        SocketTransport(loop, conn, ClientConnection(self), peer).start(read_now=True)
 
     def _set_nodelay(self, conn: socket.socket) -> None:
         # Without TCP_NODELAY a response head and body written apart wait for a delayed ACK.
