@@ -296,6 +296,7 @@ class SocketTransport(asyncio.Transport):
         # suppress_ragged_eofs off they behave the same, so call the C read directly.
         sslobj = getattr(sock, "_sslobj", None)
         read = sslobj.read if sslobj is not None else sock.recv
+        pending = sslobj.pending if sslobj is not None else sock.pending  # the same way
         chunks: list[bytes] = []
         total = 0
         eof: bool | None = None
@@ -309,7 +310,7 @@ class SocketTransport(asyncio.Transport):
                 chunks.append(data)
                 n = len(data)
                 total += n
-                if n < _TLS_RECORD and not sock.pending():
+                if n < _TLS_RECORD and not pending():
                     # A short record ends what the peer wrote in one go (a small response
                     # is one record): skip the read that would only say "want more", a
                     # syscall and an exception. A record already in the kernel buffer
@@ -318,7 +319,7 @@ class SocketTransport(asyncio.Transport):
                 if total >= _READ_BUDGET:
                     # Yield to other connections; the rest of the stream is either in the
                     # kernel (epoll fires again) or inside OpenSSL (read again soon).
-                    if sock.pending():
+                    if pending():
                         self._loop.call_soon(self._read_again)
                     break
         except ssl.SSLWantReadError:
