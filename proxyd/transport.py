@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import select
+import selectors
 import socket
 import ssl
 import weakref
@@ -57,32 +59,32 @@ _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class _Reactor:
-    """One epoll set for every SocketTransport of a loop, watched by one asyncio reader.
+    """The SocketTransports of a loop, served straight from epoll events.
 
     Why: asyncio's selector loop dispatches each readiness event through a SelectorKey, a
     Handle and ``Context.run``, and ``add_reader``/``remove_reader`` build and drop a Handle
-    and a key each time — a few µs of Python per event and per new connection. Here one
-    ``epoll.poll(0)`` per wake-up returns the ready sockets and each transport is called
-    directly. Level-triggered like asyncio: a socket left unread is reported again.
+    and a key each time — a few µs of Python per event and per new connection. Here a
+    transport's socket is registered with its epoll mask and its events call it directly.
+    Level-triggered like asyncio: a socket left unread is reported again.
+
+    A worker's loop runs on a :class:`ReactorSelector`, whose ``select()`` serves the
+    transports from asyncio's own epoll wait. On any other loop (tests, tools) the reactor
+    keeps an epoll set of its own, watched as one asyncio reader: one more ``epoll_wait``
+    per wake-up.
     """
 
     __slots__ = ("_ep", "_fds", "_dispatching", "_after", "__weakref__")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._ep = select.epoll()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None,
+                 ep: select.epoll | None = None) -> None:
         self._fds: dict[int, SocketTransport] = {}
         self._dispatching = False
         self._after: list[tuple[Any, BaseException | None]] = []  # run when the batch ends
-        loop.add_reader(self._ep.fileno(), self._dispatch)
-
-    def connection_lost_soon(self, transport: SocketTransport,
-                             exc: BaseException | None) -> bool:
-        """Queue ``connection_lost`` for the end of the batch being dispatched; False when
-        no batch is (the caller schedules it on the loop)."""
-        if not self._dispatching:
-            return False
-        self._after.append((transport, exc))
-        return True
+        if ep is None:
+            assert loop is not None
+            ep = select.epoll()
+            loop.add_reader(ep.fileno(), self._dispatch)
+        self._ep = ep
 
     def watch(self, fd: int, transport: SocketTransport, old: int, new: int) -> None:
         """Change what ``fd`` is watched for from mask ``old`` to ``new`` (0: nothing)."""
@@ -99,11 +101,24 @@ class _Reactor:
             except OSError:
                 pass  # already closed: the kernel dropped it
 
+    def connection_lost_soon(self, transport: SocketTransport,
+                             exc: BaseException | None) -> bool:
+        """Queue ``connection_lost`` for the end of the batch being dispatched; False when
+        no batch is (the caller schedules it on the loop)."""
+        if not self._dispatching:
+            return False
+        self._after.append((transport, exc))
+        return True
+
     def _dispatch(self) -> None:
+        self.serve(self._ep.poll(0))
+
+    def serve(self, ready: list[tuple[int, int]]) -> None:
+        """Call the transports of a batch of ``(fd, events)``."""
         fds = self._fds
         self._dispatching = True
         try:
-            for fd, events in self._ep.poll(0):
+            for fd, events in ready:
                 transport = fds.get(fd)
                 if transport is None:
                     continue  # unregistered by an earlier callback of this batch
@@ -128,11 +143,66 @@ class _Reactor:
                 self._after.clear()
 
 
+class ReactorSelector(selectors.EpollSelector):
+    """asyncio's epoll selector, whose epoll set also holds the SocketTransports' sockets.
+
+    ``select()`` waits once for both; the transports' events are served right there and
+    only asyncio's own (timers' wake-ups, the listener, handshakes, signals) are returned
+    to the loop. Use :func:`new_event_loop`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reactor = _Reactor(None, self._selector)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        # EpollSelector.select (CPython 3.11-3.13), with the transports' events split off.
+        if timeout is None:
+            timeout = -1
+        elif timeout <= 0:
+            timeout = 0
+        else:
+            timeout = math.ceil(timeout * 1e3) * 1e-3  # epoll waits in whole milliseconds
+        reactor = self.reactor
+        mine = reactor._fds
+        max_ev = max(len(self._fd_to_key) + len(mine), 1)
+        ready: list[tuple[selectors.SelectorKey, int]] = []
+        try:
+            fd_event_list = self._selector.poll(timeout, max_ev)
+        except InterruptedError:
+            return ready
+        served: list[tuple[int, int]] = []
+        keys = self._fd_to_key
+        for fd, event in fd_event_list:
+            if fd in mine:
+                served.append((fd, event))
+                continue
+            key = keys.get(fd)
+            if key:
+                events = 0
+                if event & ~select.EPOLLIN:
+                    events |= selectors.EVENT_WRITE
+                if event & ~select.EPOLLOUT:
+                    events |= selectors.EVENT_READ
+                ready.append((key, events & key.events))
+        if served:
+            reactor.serve(served)
+        return ready
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """An asyncio loop whose SocketTransports are served from its own epoll wait."""
+    return asyncio.SelectorEventLoop(ReactorSelector())
+
+
 _reactors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reactor] = (
     weakref.WeakKeyDictionary())
 
 
 def _reactor(loop: asyncio.AbstractEventLoop) -> _Reactor:
+    selector = getattr(loop, "_selector", None)
+    if isinstance(selector, ReactorSelector):
+        return selector.reactor
     reactor = _reactors.get(loop)
     if reactor is None:
         reactor = _reactors[loop] = _Reactor(loop)

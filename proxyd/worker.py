@@ -28,7 +28,7 @@ from .metrics import WorkerStats, merge
 from .policy import DestinationPolicy
 from .pool import Pool
 from .router import OriginKey, Route, Router
-from .transport import SocketTransport
+from .transport import SocketTransport, new_event_loop
 from .upstream import Connector, make_ssl_context
 
 log = logging.getLogger("proxyd.worker")
@@ -441,5 +441,7 @@ def worker_main(cfg: Config, listen_sock: socket.socket, report_fd: int | None) 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _raise_fd_limit(cfg.limits.client_connections)
     worker = Worker(cfg, listen_sock, report_fd)
-    asyncio.run(worker.run())
+    # The transports are served from the loop's own epoll wait (transport.ReactorSelector).
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(worker.run())
     return 0
