@@ -384,8 +384,8 @@ class Worker:
 def _wake_alone(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
     """Re-register the listening socket in the loop's epoll with EPOLLEXCLUSIVE (Linux 4.5+):
     a new connection then wakes one worker that is waiting, not every worker — each woken
-    loser cost 37 µs of CPU and added 25 µs to the winner's latency per new connection with
-    2 workers. asyncio has no flag for it, so this reaches its epoll object (a private
+    loser cost about 40 µs of CPU and added about 35 µs to the winner's latency per new
+    connection with 2 workers (``bench/fresh_conn_cpu.py --workers 2``). asyncio has no flag for it, so this reaches its epoll object (a private
     attribute); where that is not there, every worker wakes as before. Returns True when
     the entry is exclusive."""
     exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
