@@ -191,8 +191,18 @@ class ReactorSelector(selectors.EpollSelector):
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """An asyncio loop whose SocketTransports are served from its own epoll wait."""
-    return asyncio.SelectorEventLoop(ReactorSelector())
+    """An asyncio loop whose SocketTransports are served from its own epoll wait; a plain
+    selector loop (the transports then keep an epoll set of their own) where the selector
+    internals ReactorSelector relies on are not there."""
+    try:
+        selector = ReactorSelector()
+    except AttributeError:
+        return asyncio.SelectorEventLoop()
+    if not (isinstance(getattr(selector, "_selector", None), select.epoll)
+            and isinstance(getattr(selector, "_fd_to_key", None), dict)):
+        selector.close()
+        return asyncio.SelectorEventLoop()
+    return asyncio.SelectorEventLoop(selector)
 
 
 _reactors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reactor] = (
