@@ -48,6 +48,16 @@ class Histogram:
         self.counts[bisect.bisect_left(BUCKETS, value)] += 1
         self.total += value
 
+    @property
+    def count(self) -> int:
+        """Values observed."""
+        return sum(self.counts)
+
+    def mean(self) -> float:
+        """Mean of the values observed; 0.0 before any."""
+        count = self.count
+        return self.total / count if count else 0.0
+
     def snapshot(self) -> list[float]:
         """Bucket counts followed by the sum."""
         return [*self.counts, self.total]

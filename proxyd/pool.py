@@ -228,9 +228,7 @@ class Pool:
         # (the WAN cold burst of bench/run: 1.58 -> 1.38 RTT at p99).
         if not self._refill_scheduled:
             self._refill_scheduled = True
-            hist = self.ostats.handshake
-            count = sum(hist.counts)
-            delay = hist.total / count if count else 0.0
+            delay = self.ostats.handshake.mean()
             asyncio.get_running_loop().call_later(
                 min(_REFILL_MAX, max(_REFILL_AFTER, delay)), self._refill)
 

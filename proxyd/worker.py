@@ -182,8 +182,7 @@ class Worker:
             if len(self.clients) >= self.limits.client_connections:
                 self._stop_accepting()  # resumed by client_closed()
                 return
-            if (not self._exclusive and self._warm_pools and not self._has_warm_capacity()
-                    and not self._overflowing()):
+            if not self._exclusive and self._spoken_for():
                 self._defer_accepting()  # the other workers were woken too
                 return
             try:
@@ -197,7 +196,7 @@ class Worker:
             # Stop as soon as the spare warm connections are spoken for, not at the next
             # client's wake-up: with EPOLLEXCLUSIVE that wake-up is this worker's alone, and
             # a client left in the queue then would wait with no worker told about it.
-            if self._warm_pools and not self._has_warm_capacity() and not self._overflowing():
+            if self._spoken_for():
                 self._defer_accepting()
                 return
             if len(self.clients) >= self.limits.client_connections:
@@ -244,6 +243,11 @@ class Worker:
     # round trip for a connection to come back. Like nginx's accept_disabled, a worker whose
     # idle warm connections are all spoken for by the new clients it already holds leaves
     # the next connection in the queue for a worker that has one, for at most _DEFER_MAX.
+    def _spoken_for(self) -> bool:
+        """True when a new client here would find no spare warm connection (and no recent
+        deferral ran out): the next one is better left to another worker."""
+        return bool(self._warm_pools) and not self._has_warm_capacity() and not self._overflowing()
+
     def _has_warm_capacity(self) -> bool:
         idle = 0
         gating = False
@@ -273,7 +277,7 @@ class Worker:
         for pool in self._warm_pools:
             hist = pool.ostats.handshake
             total += hist.total
-            count += sum(hist.counts)
+            count += hist.count
         if not count:
             return _DEFER_MAX
         return min(_DEFER_CAP, max(_DEFER_MIN, total / count))
@@ -385,9 +389,9 @@ def _wake_alone(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
     """Re-register the listening socket in the loop's epoll with EPOLLEXCLUSIVE (Linux 4.5+):
     a new connection then wakes one worker that is waiting, not every worker — each woken
     loser cost about 40 µs of CPU and added about 35 µs to the winner's latency per new
-    connection with 2 workers (``bench/fresh_conn_cpu.py --workers 2``). asyncio has no flag for it, so this reaches its epoll object (a private
-    attribute); where that is not there, every worker wakes as before. Returns True when
-    the entry is exclusive."""
+    connection with 2 workers (``bench/fresh_conn_cpu.py --workers 2``). asyncio has no
+    flag for it, so this reaches its epoll object (a private attribute); where that is not
+    there, every worker wakes as before. Returns True when the entry is exclusive."""
     exclusive = getattr(select, "EPOLLEXCLUSIVE", 0)
     ep = getattr(getattr(loop, "_selector", None), "_selector", None)
     if not exclusive or not isinstance(ep, select.epoll):
