@@ -40,9 +40,25 @@ import time
 _EOF = object()    # deliver a half-close (shutdown SHUT_WR)
 _CLOSE = object()  # deliver a full close
 _READ = 65536
-_ANC = socket.CMSG_SPACE(16)  # one struct timespec
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-_SCM_TIMESTAMPNS = _SO_TIMESTAMPNS
+ANC_SIZE = socket.CMSG_SPACE(16)  # recvmsg() room for one struct timespec
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; also its SCM_ type
+
+
+def timestamp_reads(sock: socket.socket) -> None:
+    """Ask the kernel to date what ``sock`` receives (read with ``recvmsg(n, ANC_SIZE)``)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        pass  # no kernel timestamps: the read time stands in
+
+
+def kernel_time(anc: list[tuple[int, int, bytes]]) -> float | None:
+    """Wall-clock time the kernel received the bytes of one recvmsg(), if it said."""
+    for level, kind, value in anc:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
+            sec, nsec = struct.unpack("qq", value[:16])
+            return sec + nsec * 1e-9
+    return None
 
 
 class Stats:
@@ -79,10 +95,7 @@ class Side:
         self.write_eof = False
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-        except OSError:
-            pass  # no kernel timestamps: the read time stands in
+        timestamp_reads(sock)
 
     # -- reading ---------------------------------------------------------------------------
     def start_reading(self) -> None:
@@ -107,13 +120,13 @@ class Side:
     def _readable(self) -> None:
         assert self.out is not None
         try:
-            data, anc, _flags, _addr = self.sock.recvmsg(_READ, _ANC)
+            data, anc, _flags, _addr = self.sock.recvmsg(_READ, ANC_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.stop_reading()
             self.read_eof = True
-            self.out.push(_CLOSE, self.arrival(()))
+            self.out.push(_CLOSE, self.arrival([]))
             return
         arrived = self.arrival(anc)
         if data:
@@ -125,15 +138,14 @@ class Side:
             if self.write_eof:
                 self.close()  # both directions are done
 
-    def arrival(self, anc: object) -> float:
+    def arrival(self, anc: list[tuple[int, int, bytes]]) -> float:
         """Loop time at which the bytes reached the kernel."""
         now = self.loop.time()
-        for level, kind, value in anc:  # type: ignore[attr-defined]
-            if level == socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(value) >= 16:
-                sec, nsec = struct.unpack("qq", value[:16])
-                age = time.time() - (sec + nsec * 1e-9)
-                if 0.0 <= age < 1.0:
-                    return now - age
+        received = kernel_time(anc)
+        if received is not None:
+            age = time.time() - received
+            if 0.0 <= age < 1.0:
+                return now - age
         return now
 
     # -- writing ---------------------------------------------------------------------------

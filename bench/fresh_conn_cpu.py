@@ -58,8 +58,8 @@ def main() -> None:
                 latencies.append(time.perf_counter() - t)
             cpu = bench.cpu_seconds(workers) - cpu0
             latencies.sort()
-            print(f"round {r + 1}: {len(workers)} worker(s) CPU {cpu / a.requests * 1e6:6.1f} µs/request, "
-                  f"latency p50 {latencies[len(latencies) // 2] * 1e6:6.0f} µs, "
+            print(f"round {r + 1}: {len(workers)} worker(s) CPU "
+                  f"{cpu / a.requests * 1e6:6.1f} µs/request, latency p50 {latencies[len(latencies) // 2] * 1e6:6.0f} µs, "
                   f"p99 {latencies[int(len(latencies) * 0.99)] * 1e6:6.0f} µs", flush=True)
     finally:
         env.close()

@@ -23,7 +23,6 @@ import signal
 import socket
 import ssl
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # delay_relay, also when run.py is imported from elsewhere
+from delay_relay import ANC_SIZE, kernel_time, timestamp_reads  # noqa: E402
 RESULTS = HERE / "results"
 APT_CMD = "apt-get install nginx haproxy wrk"
 TOOLS = ("nginx", "haproxy", "wrk")
@@ -941,7 +942,7 @@ def burst(inst: ProxyInst, n: int, timeout: float = 30.0) -> list[tuple[float, i
                     continue
             else:
                 try:
-                    data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(16))
+                    data, anc, _flags, _addr = s.recvmsg(65536, ANC_SIZE)
                 except OSError as exc:
                     out.append(f"recv: {exc}")
                     data = None
@@ -967,27 +968,18 @@ def burst(inst: ProxyInst, n: int, timeout: float = 30.0) -> list[tuple[float, i
     return out
 
 
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux
-
-
 def _burst_socket() -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setblocking(False)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-    except OSError:
-        pass  # no kernel timestamps: the read time stands in
+    timestamp_reads(s)
     return s
 
 
 def _arrival(anc: list[tuple[int, int, bytes]]) -> float:
     """Wall-clock time the kernel received the bytes of one recvmsg(); now without one."""
-    for level, kind, value in anc:
-        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
-            sec, nsec = struct.unpack("qq", value[:16])
-            return sec + nsec * 1e-9
-    return time.time()
+    received = kernel_time(anc)
+    return time.time() if received is None else received
 
 
 def sc_wan(env: Env) -> tuple[dict, list[Row]]:
