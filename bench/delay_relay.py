@@ -352,6 +352,7 @@ async def main_async(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    loop.remove_reader(listener.fileno())  # select() fails on a closed descriptor
     listener.close()
     if stats is not None:
         print(stats.report(), file=sys.stderr, flush=True)
