@@ -44,17 +44,17 @@ class AccessLog:
         self._prefix = f"kind=access pid={self.pid} "
         self._quoted: dict[bytes | str, str] = {}
 
-    def _timestamp(self) -> str:
-        now = int(time.time())
-        if now != self._ts_second:
-            self._ts_second = now
-            self._ts_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    def _timestamp(self, when: float) -> str:
+        second = int(when)
+        if second != self._ts_second:
+            self._ts_second = second
+            self._ts_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
         return self._ts_text
 
-    def record(self, client: str, method: bytes, origin: str, path: bytes, status: int,
-               bytes_in: int, bytes_out: int, duration: float, wait: float, ttfb: float,
-               warm: bool, retried: bool, error: str) -> None:
-        """Add one request's line."""
+    def record(self, when: float, client: str, method: bytes, origin: str, path: bytes,
+               status: int, bytes_in: int, bytes_out: int, duration: float, wait: float,
+               ttfb: float, warm: bool, retried: bool, error: str) -> None:
+        """Add the line of a request that ended at ``when`` (seconds since the epoch)."""
         quoted = self._quoted
         m = quoted.get(method)
         if m is None:
@@ -62,7 +62,7 @@ class AccessLog:
         o = quoted.get(origin)
         if o is None:
             o = self._remember(origin, _quote(origin))
-        line = _LINE % (self._timestamp(), self._prefix, client, m, o,
+        line = _LINE % (self._timestamp(when), self._prefix, client, m, o,
                         _quote(path.decode("latin-1")), status, bytes_in, bytes_out,
                         duration * 1000, wait * 1000, ttfb * 1000, warm, retried, error or "-")
         self._lines.append(line)

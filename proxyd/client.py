@@ -20,7 +20,6 @@ from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, Framing,
                     chunk_frame, field_values, last_chunk, lower_names)
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
-from .metrics import NO_ORIGIN
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -643,34 +642,16 @@ class ClientConnection(asyncio.Protocol):
                                   self.keep_alive, exc.details, head_only, extra))
 
     def _log(self, status: int, error: str) -> None:
-        """Count the finished exchange and write its access-log line (once)."""
+        """Record the finished exchange (once) for the metrics and the access log."""
         if self.logged:
             return
         self.logged = True
-        worker = self.worker
-        now = time.monotonic()
-        started = self.started or now
-        duration = now - started
-        t_conn = self.t_conn
-        t_head = self.t_head
-        # Histograms leave out what did not happen; the log line says 0 / the whole wait.
-        wait = t_conn - started if t_conn else None
-        ttfb = t_head - t_conn if t_head and t_conn else None
-        req = self.req
-        method = req.method if req is not None else b"-"
-        pool = self.pool
-        if worker.metrics_enabled:
-            ostats = pool.ostats if pool is not None else worker.stats.origin(NO_ORIGIN, True)
-            ostats.count_exchange(method, status, self.bytes_in, self.bytes_out, duration, wait,
-                                  ttfb, error, self.retried)
-        access = worker.access_log
-        if access.enabled:
-            route = self.route
-            access.record(self.peer, method, pool.name if pool is not None else "-",
-                          route.target if route is not None else (req.target if req else b"-"),
-                          status, self.bytes_in, self.bytes_out, duration,
-                          duration if wait is None else wait, ttfb or 0.0, self.reused,
-                          self.retried, error)
+        exchanges = self.worker.exchanges
+        if exchanges.enabled:
+            # One tuple now; counted and formatted later in a batch (proxyd/exchanges.py).
+            exchanges.add((time.monotonic(), self.started, self.t_conn, self.t_head, self.peer,
+                           self.req, self.pool, self.route, status, self.bytes_in,
+                           self.bytes_out, self.reused, self.retried, error))
 
     def _finish(self) -> None:
         """The exchange is over; read the next request or close."""

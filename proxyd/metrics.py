@@ -30,7 +30,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"
                       "CONNECT", "TRACE"})
 OTHER = "other"
 # Method label per request-line method: a dict hit instead of a decode and a set lookup.
-_METHOD_LABELS = {m.encode(): m for m in _METHODS}
+METHOD_LABELS = {m.encode(): m for m in _METHODS}
 NO_ORIGIN = "none"
 
 
@@ -83,30 +83,6 @@ class OriginStats:
     ttfb: Histogram = field(default_factory=Histogram)
     handshake: Histogram = field(default_factory=Histogram)
     wait: Histogram = field(default_factory=Histogram)
-
-    def count_exchange(self, method: bytes, status: int, bytes_in: int, bytes_out: int,
-                       duration: float, wait: float | None, ttfb: float | None,
-                       error: str, retried: bool) -> None:
-        """Everything one finished request counts, in one call (the per-request path)."""
-        self.requests[(_METHOD_LABELS.get(method, "OTHER"), status)] += 1
-        self.request_bytes += bytes_in
-        self.response_bytes += bytes_out
-        bisect_left = bisect.bisect_left
-        h = self.duration
-        h.counts[bisect_left(BUCKETS, duration)] += 1
-        h.total += duration
-        if wait is not None:
-            h = self.wait
-            h.counts[bisect_left(BUCKETS, wait)] += 1
-            h.total += wait
-        if ttfb is not None:
-            h = self.ttfb
-            h.counts[bisect_left(BUCKETS, ttfb)] += 1
-            h.total += ttfb
-        if error:
-            self.errors[error] += 1
-        if retried:
-            self.retries += 1
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able counters."""

@@ -22,6 +22,7 @@ from .access import Access, load_users
 from .accesslog import AccessLog
 from .client import ClientConnection, ClientState
 from .config import Config, OriginConfig, parse_hostport
+from .exchanges import ExchangeLog
 from .headers import via_entry
 from .http1 import ParserLimits
 from .metrics import WorkerStats, merge
@@ -68,11 +69,11 @@ class Worker:
         self.access = Access(acc.allow_clients,
                              load_users(acc.users_file) if acc.users_file else {}, acc.realm)
         self.stats = WorkerStats(max_learned=cfg.metrics_max_origins)
-        self.metrics_enabled = cfg.metrics
         self.clients: set[ClientConnection] = set()
         self.pools: dict[OriginKey, Pool] = {}
         self.draining = False
         self.access_log = AccessLog(cfg.access_log)
+        self.exchanges = ExchangeLog(self.stats, cfg.metrics, self.access_log)
         self._via10 = via_entry(10, cfg.via)
         self._via11 = via_entry(11, cfg.via)
         ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
@@ -332,6 +333,7 @@ class Worker:
         while True:
             await asyncio.sleep(_TICK)
             now = time.monotonic()
+            self.exchanges.flush()
             self.access_log.flush()
             for client in list(self.clients):
                 client.check_deadline(now)
@@ -348,6 +350,7 @@ class Worker:
                 self._report_stats()
 
     def _report_stats(self) -> None:
+        self.exchanges.flush()
         pools: dict[str, dict[str, int]] = {}
         recent: dict[str, str] = {}
         for pool in self.pools.values():
@@ -381,6 +384,7 @@ class Worker:
                 client.transport.abort()
         for pool in self.pools.values():
             pool.close()
+        self.exchanges.flush()
         self.access_log.flush()
         self._report_stats()  # final counters, so the master's totals lose nothing
 
