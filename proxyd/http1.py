@@ -1041,7 +1041,8 @@ class ResponseParser(_Parser):
         keep_alive_field = None
         for name, value in _RESPONSE_SPECIAL.findall(buf[:end + 2].lower(), m.start(4) - 1):
             if name == b"content-length":
-                if (length != -1 or _DIGITS.fullmatch(value) is None
+                # bytes.isdigit() is ASCII 0-9 only: the same test as _DIGITS, no regex.
+                if (length != -1 or not value.isdigit() or len(value) > 18
                         or (value[0] == 48 and len(value) > 1)):
                     return None  # repeated, invalid, or with leading zeros
                 length = int(value)
