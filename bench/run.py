@@ -1320,12 +1320,16 @@ def sc_overhead(env: Env) -> tuple[dict, list[Row]]:
         env.scan_proxyd_log(insts[v])
     per: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(args.rounds):
+    # Many short rounds rather than a few long ones: the costs measured here are a few per
+    # cent, round-to-round noise on a shared 2-core machine is about ±10 %.
+    rounds = args.overhead_rounds
+    duration = 2.0 if args.quick else min(args.duration, 6.0)
+    for r in range(rounds):
         for v in rotate(list(variants), r):
-            res = run_wrk(env, insts[v], "1k", 32, args.duration, f"overhead round {r + 1}")
+            res = run_wrk(env, insts[v], "1k", 32, duration, f"overhead round {r + 1}")
             per[v].append(res["rps"])
             cpu[v].append(res["cpu_us_per_req"])
-            log(f"overhead round {r + 1}/{args.rounds} {v:15s} {res['rps']:>10,.0f} req/s  "
+            log(f"overhead round {r + 1}/{rounds} {v:15s} {res['rps']:>10,.0f} req/s  "
                 f"cpu {res['cpu_us_per_req']:.1f} µs/req")
     for inst in insts.values():
         env.stop(inst)
@@ -1340,7 +1344,8 @@ def sc_overhead(env: Env) -> tuple[dict, list[Row]]:
     log_cpu_cost = 1 - c["access_log_off"] / c["default"]
     metrics_cpu_cost = (1 - c["metrics_off"] / c["default"]) if switch else None
     ok = None if metrics_cost is None else metrics_cost <= 0.03
-    result = {"variants": {v: variants[v].strip() for v in variants}, "rounds_rps": per,
+    result = {"variants": {v: variants[v].strip() for v in variants}, "rounds": rounds,
+              "duration_s": duration, "rounds_rps": per,
               "range_rps": rng,
               "median_rps": m, "access_log_cost": log_cost, "metrics_cost": metrics_cost,
               "rounds_cpu_us_per_req": cpu, "median_cpu_us_per_req": c,
@@ -1560,6 +1565,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None,
                    help="seconds per wrk measurement (default 10; --quick 2)")
     p.add_argument("--warmup", type=float, default=None, help="wrk warm-up seconds per proxy (default 2; --quick 1)")
+    p.add_argument("--overhead-rounds", type=int, default=None,
+                   help="overhead: rounds (default 8 x 6 s; --quick 1 x 2 s): the costs measured "
+                        "there are smaller than the round-to-round noise")
     p.add_argument("--idle", type=float, default=15.0,
                    help="wan: seconds the pools sit idle before the second burst (default 15)")
     p.add_argument("--warm", type=int, default=16, help="proxyd --warm N per worker (default 16: the 32-request burst over 2 workers)")
@@ -1586,6 +1594,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.rounds = a.rounds or (1 if q else 3)
     a.duration = a.duration or (2.0 if q else 10.0)
     a.warmup = a.warmup if a.warmup is not None else (1.0 if q else 2.0)
+    a.overhead_rounds = a.overhead_rounds or (1 if q else 8)
     a.wan_requests = a.wan_requests or (15 if q else 40)
     a.seq_requests = a.seq_requests or (500 if q else 2000)
     names: list[str] = []
