@@ -648,10 +648,16 @@ class ClientConnection(asyncio.Protocol):
         self.logged = True
         exchanges = self.worker.exchanges
         if exchanges.enabled:
-            # One tuple now; counted and formatted later in a batch (proxyd/exchanges.py).
+            # One tuple of plain values now; counted and formatted later in a batch
+            # (proxyd/exchanges.py), when this request's objects may be out of the caches.
+            req = self.req
+            route = self.route
             exchanges.add((time.monotonic(), self.started, self.t_conn, self.t_head, self.peer,
-                           self.req, self.pool, self.route, status, self.bytes_in,
-                           self.bytes_out, self.reused, self.retried, error))
+                           req.method if req is not None else b"-",
+                           route.target if route is not None else
+                           (req.target if req is not None else b"-"),
+                           self.pool, status, self.bytes_in, self.bytes_out, self.reused,
+                           self.retried, error))
 
     def _finish(self) -> None:
         """The exchange is over; read the next request or close."""

@@ -24,8 +24,6 @@ from .metrics import BUCKETS, METHOD_LABELS, NO_ORIGIN, OriginStats, WorkerStats
 
 if TYPE_CHECKING:
     from .pool import Pool
-    from .router import Route
-    from .http1 import RequestHead
 
 log = logging.getLogger("proxyd.exchanges")
 
@@ -35,10 +33,11 @@ log = logging.getLogger("proxyd.exchanges")
 BATCH = 32
 
 # One finished exchange, as the client connection knew it (see ClientConnection._log):
-# (ended, started, t_conn, t_head, peer, req, pool, route, status, bytes_in, bytes_out,
-#  reused, retried, error) — monotonic times, 0.0 for what did not happen.
-Record = tuple[float, float, float, float, str, "RequestHead | None", "Pool | None",
-               "Route | None", int, int, int, bool, bool, str]
+# (ended, started, t_conn, t_head, peer, method, path, pool, status, bytes_in, bytes_out,
+#  reused, retried, error) — monotonic times, 0.0 for what did not happen; method and path
+# b"-" when no request head was parsed, pool None before one was chosen.
+Record = tuple[float, float, float, float, str, bytes, bytes, "Pool | None", int, int, int,
+               bool, bool, str]
 
 
 class ExchangeLog:
@@ -80,9 +79,9 @@ class ExchangeLog:
         # is counted with its counters in local variables, written back once.
         start = 0
         while start < len(batch):
-            pool = batch[start][6]
+            pool = batch[start][7]
             end = start + 1
-            while end < len(batch) and batch[end][6] is pool:
+            while end < len(batch) and batch[end][7] is pool:
                 end += 1
             ostats = pool.ostats if pool is not None else self._stats.origin(NO_ORIGIN, True)
             _count_run(ostats, batch, start, end)
@@ -92,15 +91,13 @@ class ExchangeLog:
         # Wall-clock time of each record from its monotonic end: one clock pair per batch.
         offset = time.time() - time.monotonic()
         record = self._access.record
-        for (ended, started, t_conn, t_head, peer, req, pool, route, status, bytes_in,
+        for (ended, started, t_conn, t_head, peer, method, path, pool, status, bytes_in,
              bytes_out, reused, retried, error) in batch:
             started = started or ended
             duration = ended - started
             # The log line says 0 for what did not happen, and the whole time as the wait
             # of a request that never got a connection.
-            record(ended + offset, peer, req.method if req is not None else b"-",
-                   pool.name if pool is not None else "-",
-                   route.target if route is not None else (req.target if req else b"-"),
+            record(ended + offset, peer, method, pool.name if pool is not None else "-", path,
                    status, bytes_in, bytes_out, duration,
                    t_conn - started if t_conn else duration,
                    t_head - t_conn if t_head and t_conn else 0.0, reused, retried, error)
@@ -115,10 +112,10 @@ def _count_run(ostats: OriginStats, batch: list[Record], start: int, end: int) -
     d_total = w_total = t_total = 0.0
     bytes_in_total = bytes_out_total = 0
     for i in range(start, end):
-        (ended, started, t_conn, t_head, _, req, _, _, status, bytes_in, bytes_out, _, retried,
+        (ended, started, t_conn, t_head, _, method, _, _, status, bytes_in, bytes_out, _, retried,
          error) = batch[i]
         started = started or ended
-        requests[(labels.get(req.method, "OTHER") if req is not None else "OTHER", status)] += 1
+        requests[(labels.get(method, "OTHER"), status)] += 1
         bytes_in_total += bytes_in
         bytes_out_total += bytes_out
         value = ended - started

@@ -53,8 +53,8 @@ def _record(worker: Worker, ended: float, status: int = 200, connected: bool = T
     started = ended - 0.004
     t_conn = started + 0.001 if connected else 0.0
     t_head = started + 0.003 if connected else 0.0
-    return (ended, started, t_conn, t_head, "127.0.0.1:5555", req, pool, route, status, 0,
-            1024 if connected else 0, True, False, error)
+    return (ended, started, t_conn, t_head, "127.0.0.1:5555", req.method, route.target, pool,
+            status, 0, 1024 if connected else 0, True, False, error)
 
 
 def _requests(worker: Worker) -> int:
@@ -140,7 +140,7 @@ def test_a_request_without_a_pool_counts_under_none(stderr: _Stderr) -> None:
     worker = _worker()
     now = time.monotonic()
     # A request refused before routing (e.g. 400): no request head, pool or route.
-    worker.exchanges.add((now, now - 0.001, 0.0, 0.0, "127.0.0.1:5555", None, None, None,
+    worker.exchanges.add((now, now - 0.001, 0.0, 0.0, "127.0.0.1:5555", b"-", b"-", None,
                           400, 0, 0, False, False, "http_request_error"))
     worker.exchanges.flush()
     assert dict(worker.stats.origins["none"].requests) == {("OTHER", 400): 1}
