@@ -68,9 +68,9 @@ def test_records_wait_for_a_batch_or_a_flush(stderr: _Stderr) -> None:
     now = time.monotonic()
     for _ in range(BATCH - 1):
         log.add(_record(worker, now))
-    assert _requests(worker) == 0 and not worker.access_log._lines  # nothing done yet
+    assert _requests(worker) == 0 and worker.access_log.pending_lines == 0  # nothing done yet
     log.add(_record(worker, now))  # the batch is full: counted and formatted at once
-    assert _requests(worker) == BATCH and len(worker.access_log._lines) == BATCH
+    assert _requests(worker) == BATCH and worker.access_log.pending_lines == BATCH
     log.add(_record(worker, now))
     log.flush()  # the housekeeping tick and every stats report take the rest
     assert _requests(worker) == BATCH + 1
