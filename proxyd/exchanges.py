@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog
-from .metrics import BUCKETS, METHOD_LABELS, NO_ORIGIN, OriginStats, WorkerStats
+from .metrics import METHOD_LABELS, NO_ORIGIN, OriginStats, WorkerStats
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -76,7 +75,7 @@ class ExchangeLog:
 
     def _count(self, batch: list[Record]) -> None:
         # Records come in runs of the same origin (a worker mostly serves a few): each run
-        # is counted with its counters in local variables, written back once.
+        # is counted with that origin's counters looked up once.
         start = 0
         while start < len(batch):
             pool = batch[start][7]
@@ -107,9 +106,7 @@ def _count_run(ostats: OriginStats, batch: list[Record], start: int, end: int) -
     """Count ``batch[start:end]``, exchanges of one origin, into ``ostats``."""
     requests = ostats.requests
     labels = METHOD_LABELS
-    duration, wait, ttfb = ostats.duration, ostats.wait, ostats.ttfb
-    d_counts, w_counts, t_counts = duration.counts, wait.counts, ttfb.counts
-    d_total = w_total = t_total = 0.0
+    duration, wait, ttfb = ostats.duration.observe, ostats.wait.observe, ostats.ttfb.observe
     bytes_in_total = bytes_out_total = 0
     for i in range(start, end):
         (ended, started, t_conn, t_head, _, method, _, _, status, bytes_in, bytes_out, _, retried,
@@ -118,24 +115,15 @@ def _count_run(ostats: OriginStats, batch: list[Record], start: int, end: int) -
         requests[(labels.get(method, "OTHER"), status)] += 1
         bytes_in_total += bytes_in
         bytes_out_total += bytes_out
-        value = ended - started
-        d_counts[bisect_left(BUCKETS, value)] += 1
-        d_total += value
+        duration(ended - started)
         # Histograms leave out what did not happen (no connection, no response head).
         if t_conn:
-            value = t_conn - started
-            w_counts[bisect_left(BUCKETS, value)] += 1
-            w_total += value
+            wait(t_conn - started)
             if t_head:
-                value = t_head - t_conn
-                t_counts[bisect_left(BUCKETS, value)] += 1
-                t_total += value
+                ttfb(t_head - t_conn)
         if error:
             ostats.errors[error] += 1
         if retried:
             ostats.retries += 1
     ostats.request_bytes += bytes_in_total
     ostats.response_bytes += bytes_out_total
-    duration.total += d_total
-    wait.total += w_total
-    ttfb.total += t_total
