@@ -105,26 +105,25 @@ async def run(n: int, profile: bool, cold: bool = False, metrics: bool = True,
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
+    def one_request(i: int) -> None:
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+        if i % 1000 == 0:
+            client_transport.out.clear()
+            upstream.transport.out.clear()  # type: ignore[union-attr]
+
     if cold:
         elapsed = 0.0
         clock = time.perf_counter
         for i in range(n):
             _evict_caches()
             started = clock()
-            client.data_received(REQUEST)
-            upstream.data_received(RESPONSE)
+            one_request(i)
             elapsed += clock() - started
-            if i % 1000 == 0:
-                client_transport.out.clear()
-                upstream.transport.out.clear()  # type: ignore[union-attr]
     else:
         started = time.process_time()
         for i in range(n):
-            client.data_received(REQUEST)
-            upstream.data_received(RESPONSE)
-            if i % 1000 == 0:
-                client_transport.out.clear()
-                upstream.transport.out.clear()  # type: ignore[union-attr]
+            one_request(i)
         elapsed = time.process_time() - started
     if prof:
         prof.disable()
