@@ -232,7 +232,7 @@ class SocketTransport(asyncio.Transport):
         "_closing", "_closed", "_paused", "_eof", "_eof_pending", "_eof_written",
         "_protocol_paused", "_reader_on", "_writer_on", "_read_wants_write",
         "_write_wants_read", "_peername", "_sockname", "tls_clean_eof", "_linger",
-        "_linger_timer", "_reactor", "_mask", "_lingering")
+        "_linger_timer", "_reactor", "_mask", "_lingering", "_sslobj")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  protocol: asyncio.BaseProtocol, peername: Any = None) -> None:
@@ -242,6 +242,10 @@ class SocketTransport(asyncio.Transport):
         self._fd = sock.fileno()
         self._protocol: Any = protocol
         self._tls = isinstance(sock, ssl.SSLSocket)
+        # The C object under an SSLSocket: its read()/write()/pending() skip the two Python
+        # frames SSLSocket.recv()/send() wrap them in (with suppress_ragged_eofs off they
+        # behave the same). None for plain sockets.
+        self._sslobj: Any = getattr(sock, "_sslobj", None) if self._tls else None
         self._buf = bytearray()           # bytes not yet handed to send()
         self._piece: bytes | None = None  # TLS: the piece SSL_write must be retried with
         self._high = _HIGH_WATER
@@ -322,10 +326,12 @@ class SocketTransport(asyncio.Transport):
         if events & _READ_EVENTS and self._reader_on:
             if self._lingering:
                 self._linger_read()
-            elif self._tls:
-                self._tls_readable()
-            else:
+            elif not self._tls:
                 self._read_plain()
+            elif self._write_wants_read:
+                self._tls_readable()
+            elif not (self._paused or self._closing or self._eof or self._read_wants_write):
+                self._read_tls()  # the usual TLS read, one frame less on the response path
         if events & _WRITE_EVENTS and self._writer_on:
             if self._tls:
                 self._tls_writable()
@@ -371,12 +377,11 @@ class SocketTransport(asyncio.Transport):
         # OpenSSL returns at most one record per SSL_read, and a record it has taken off the
         # socket is invisible to epoll: keep reading until it wants more bytes from the
         # kernel, then deliver everything as one data_received.
-        sock = self._sock
-        # SSLSocket.recv() is two Python frames around the C object's read(); with
-        # suppress_ragged_eofs off they behave the same, so call the C read directly.
-        sslobj = getattr(sock, "_sslobj", None)
-        read = sslobj.read if sslobj is not None else sock.recv
-        pending = sslobj.pending if sslobj is not None else sock.pending  # the same way
+        sslobj = self._sslobj
+        if sslobj is not None:
+            read, pending = sslobj.read, sslobj.pending
+        else:
+            read, pending = self._sock.recv, self._sock.pending
         chunks: list[bytes] = []
         total = 0
         eof: bool | None = None
@@ -482,8 +487,7 @@ class SocketTransport(asyncio.Transport):
             return
         if self._tls:
             if len(data) <= _TLS_PIECE:
-                # As in _read_tls: the C object's write(), not SSLSocket.send() around it.
-                sslobj = getattr(self._sock, "_sslobj", None)
+                sslobj = self._sslobj
                 try:
                     sslobj.write(data) if sslobj is not None else self._sock.send(data)
                     return  # partial writes are off: all of it became TLS records
