@@ -8,6 +8,7 @@ upstream connection at a time; requests pipelined behind it wait in the parser's
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, ClassVar
@@ -290,7 +291,7 @@ class ClientConnection(asyncio.Protocol):
             self.body_read = True
         elif not self._read_body():
             return
-        self.deadline = float("inf")  # the pool enforces pool_wait
+        self.deadline = math.inf  # the pool enforces pool_wait
         self.pool.acquire(self)
 
     def _check(self, req: RequestHead) -> None:
@@ -335,7 +336,34 @@ class ClientConnection(asyncio.Protocol):
             self.pool.release(conn, reusable=True)  # type: ignore[union-attr]
             return
         req = self.req
-        assert req is not None and self.route is not None
+        route = self.route
+        assert req is not None and route is not None
+        self.t_conn = time.monotonic()
+        self.upstream = conn
+        self.state = ClientState.ACTIVE
+        conn.start(self, req.method, reused)
+        if self.retained is not None and self.retried:
+            conn.writelines(self.retained)
+            self._request_sent()
+        else:
+            head = upstream_request_head(req, route.target, route.host_header,
+                                         self.worker.via(req.version))
+            if self.body_read and not self.pending:
+                # The whole request is this head (no body): one write, nothing to frame.
+                # It goes first: the bookkeeping after it is not needed for the write and
+                # runs while the origin works on the request.
+                conn.write(head)
+                if req.method in IDEMPOTENT:
+                    self.retained = [head]
+                    self.retained_size = len(head)
+                self.req_done = True
+                self._request_sent()
+            else:
+                self.deadline = self.t_conn + self.worker.timeouts.body_idle
+                if req.method in IDEMPOTENT:
+                    self.retained = []
+                self._send_pending([head])
+        self.reused = reused
         stats = self.worker.stats
         ostats = self.pool.ostats  # type: ignore[union-attr]
         if reused:
@@ -344,32 +372,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             stats.pool_misses += 1
             ostats.misses += 1
-        self.reused = reused
-        now = self.t_conn = time.monotonic()
-        self.upstream = conn
-        self.state = ClientState.ACTIVE
-        conn.start(self, req.method, reused)
         if self.writing_paused:
             conn.pause_reading()
-        self.deadline = now + self.worker.timeouts.body_idle
-        if self.retained is not None and self.retried:
-            conn.writelines(self.retained)
-            self._request_sent()
-        else:
-            head = upstream_request_head(req, self.route.target, self.route.host_header,
-                                         self.worker.via(req.version))
-            if self.body_read and not self.pending:
-                # The whole request is this head (no body): one write, nothing to frame.
-                if req.method in IDEMPOTENT:
-                    self.retained = [head]
-                    self.retained_size = len(head)
-                conn.write(head)
-                self.req_done = True
-                self._request_sent()
-            else:
-                if req.method in IDEMPOTENT:
-                    self.retained = []
-                self._send_pending([head])
         if conn.writing_paused:
             self._pause(_PAUSE_UPSTREAM_FULL)
         if self.paused:
@@ -489,15 +493,13 @@ class ClientConnection(asyncio.Protocol):
                 self._send(informational_head(head, self.worker.via(11)))
             return
         self._send(self._final_head(head, req))
+        self.deadline = self.t_head + self.worker.timeouts.body_idle  # the body's first bytes
 
     def on_whole_response(self, head: ResponseHead, body: bytes) -> None:
         """A final response that arrived whole with its body (the common small response):
         head and body go out in one write, then the exchange ends."""
         data = self._final_head(head, self.req)  # type: ignore[arg-type]
         if body:
-            n = len(body)
-            self.worker.stats.bytes_to_clients += n
-            self.bytes_out += n
             data += body
         if self._out:  # held informational heads go first
             self._out.append(data)
@@ -506,13 +508,17 @@ class ClientConnection(asyncio.Protocol):
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.write(data)
+        if body:  # counted after the write, which it need not delay
+            n = len(body)
+            self.worker.stats.bytes_to_clients += n
+            self.bytes_out += n
         self.on_response_end([])
 
     def _final_head(self, head: ResponseHead, req: RequestHead) -> bytes:
         """Take a final response head: choose the client framing, return the head to send."""
         self.resp = head
         self.resp_started = True
-        now = self.t_head = time.monotonic()
+        self.t_head = time.monotonic()
         framing = head.framing
         if framing is Framing.CHUNKED or framing is Framing.CLOSE:
             # HTTP/1.0 clients cannot take chunked: send raw and close (RFC 9112 §7).
@@ -520,7 +526,6 @@ class ClientConnection(asyncio.Protocol):
         self.out_framing = framing
         if framing is Framing.CLOSE or not self.req_done or self.worker.draining:
             self.keep_alive = False  # say "close" now rather than close after a keep-alive
-        self.deadline = now + self.worker.timeouts.body_idle
         return client_response_head(
             head, framing, self.keep_alive, req.version, self.worker.via(req.version))
 

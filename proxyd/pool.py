@@ -106,11 +106,15 @@ class Pool:
         """
         now = time.monotonic()
         self.last_used = now
-        if not fresh and self.idle:
-            conn = self._pop_idle(now)
-            if conn is not None:
+        idle = self.idle
+        while idle and not fresh:
+            conn = idle.pop()  # LIFO: the most recently used
+            reason = conn.expired(now)
+            if reason:
+                conn.close(reason)
+            else:
                 self._hand(conn, waiter, reused=True)
-                if len(self.idle) + self.connecting < self.settings.warm:
+                if len(idle) + self.connecting < self.settings.warm:
                     self._schedule_refill()  # below the floor (warm_floor <= settings.warm)
                 return
         if len(self.waiters) >= self.max_waiters:
@@ -119,16 +123,6 @@ class Pool:
             return
         self.waiters.append((now + self.pool_wait, waiter))
         self._open_for_waiters()
-
-    def _pop_idle(self, now: float) -> UpstreamConnection | None:
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            reason = conn.expired(now)
-            if not reason:
-                return conn
-            conn.close(reason)
-        return None
 
     def _hand(self, conn: UpstreamConnection, waiter: Waiter, reused: bool) -> None:
         conn.state = ConnState.BUSY
