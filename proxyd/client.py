@@ -129,7 +129,6 @@ class ClientConnection(asyncio.Protocol):
         self.worker.fresh_clients += 1
 
     def data_received(self, data: bytes) -> None:
-        self.worker.stats.bytes_from_clients += len(data)
         state = self.state
         if state is ClientState.HEAD and not self._in_loop and type(data) is bytes:
             req = self.parser.take_plain(data)
@@ -137,7 +136,9 @@ class ClientConnection(asyncio.Protocol):
                 # The common case in one step; pipelined bytes after it stay buffered and
                 # are parsed when this exchange ends (_finish).
                 self._begin(req)
+                self.worker.stats.bytes_from_clients += len(data)  # after the upstream write
                 return
+        self.worker.stats.bytes_from_clients += len(data)
         if state is ClientState.TUNNEL:
             self.tunnel.from_client(data)  # type: ignore[union-attr]
             return
@@ -341,7 +342,6 @@ class ClientConnection(asyncio.Protocol):
         self.t_conn = time.monotonic()
         self.upstream = conn
         self.state = ClientState.ACTIVE
-        conn.start(self, req.method, reused)
         if self.retained is not None and self.retried:
             conn.writelines(self.retained)
             self._request_sent()
@@ -363,6 +363,9 @@ class ClientConnection(asyncio.Protocol):
                 if req.method in IDEMPOTENT:
                     self.retained = []
                 self._send_pending([head])
+        # The response cannot arrive before this returns to the loop: the connection takes
+        # the exchange after the write (a pause_writing during it shows in writing_paused).
+        conn.start(self, req.method, reused)
         self.reused = reused
         stats = self.worker.stats
         ostats = self.pool.ostats  # type: ignore[union-attr]

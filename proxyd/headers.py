@@ -121,6 +121,18 @@ def _section_as_received(req: RequestHead, host: bytes) -> bytes | None:
 def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bool,
                          client_version: int, via: bytes) -> bytes:
     """Serialise the response as sent to the client, re-framed for it."""
+    if resp.plain and out_framing is resp.framing:
+        # The parser checked the field conditions of _fast_response_head (a plain head is
+        # never 204): the received section minus Connection and Keep-Alive.
+        block = resp.raw_block
+        if resp.connection_tokens and resp.keep_alive_field is None:
+            # The usual origin line, exactly as nginx and most servers send it, goes with a
+            # plain replace (a plain head has one Connection line; CRLF only ends lines).
+            cut = (b"\r\n" + block).replace(_USUAL_CONNECTION, b"\r\n", 1)
+            block = cut[2:] if len(cut) < len(block) + 2 else _CONNECTION_LINES.sub(b"", block)
+        elif resp.connection_tokens or resp.keep_alive_field is not None:
+            block = _CONNECTION_LINES.sub(b"", block)
+        return _response_head_bytes(resp, block, keep_alive, client_version, via)
     fast = _fast_response_head(resp, out_framing, keep_alive, client_version, via)
     if fast is not None:
         return fast
@@ -146,20 +158,10 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
 def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bool,
                         client_version: int, via: bytes) -> bytes | None:
     """The common case — same framing, no hop-by-hop field but Connection: keep-alive/close
-    and Keep-Alive — as the received section minus those lines; None when not applicable."""
+    and Keep-Alive — as the received section minus those lines; None when not applicable.
+    (Plain heads are taken by client_response_head itself.)"""
     if resp.plain:
-        # The parser checked the field conditions below; a plain head is never 204.
-        if out_framing is not resp.framing:
-            return None
-        block = resp.raw_block
-        if resp.connection_tokens and resp.keep_alive_field is None:
-            # The usual origin line, exactly as nginx and most servers send it, goes with a
-            # plain replace (a plain head has one Connection line; CRLF only ends lines).
-            cut = (b"\r\n" + block).replace(_USUAL_CONNECTION, b"\r\n", 1)
-            block = cut[2:] if len(cut) < len(block) + 2 else _CONNECTION_LINES.sub(b"", block)
-        elif resp.connection_tokens or resp.keep_alive_field is not None:
-            block = _CONNECTION_LINES.sub(b"", block)
-        return _response_head_bytes(resp, block, keep_alive, client_version, via)
+        return None  # re-framed: the general serialisation
     lnames = lower_names(resp)
     if (not resp.raw_block or out_framing is not resp.framing or resp.status == 204
             or not plain_ows(resp.raw_block)
