@@ -129,6 +129,7 @@ class ClientConnection(asyncio.Protocol):
         self.worker.fresh_clients += 1
 
     def data_received(self, data: bytes) -> None:
+        self.worker.stats.bytes_from_clients += len(data)
         state = self.state
         if state is ClientState.HEAD and not self._in_loop and type(data) is bytes:
             req = self.parser.take_plain(data)
@@ -136,9 +137,7 @@ class ClientConnection(asyncio.Protocol):
                 # The common case in one step; pipelined bytes after it stay buffered and
                 # are parsed when this exchange ends (_finish).
                 self._begin(req)
-                self.worker.stats.bytes_from_clients += len(data)  # after the upstream write
                 return
-        self.worker.stats.bytes_from_clients += len(data)
         if state is ClientState.TUNNEL:
             self.tunnel.from_client(data)  # type: ignore[union-attr]
             return

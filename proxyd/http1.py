@@ -60,7 +60,7 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 # the same way). A field line is a name, a colon and one character class up to its CRLF:
 # the optional space after the colon, a value starting with a space and an empty value
 # with a trailing space all match it, and are then told apart by two substring scans of
-# the head (_NOT_CANONICAL: no double space, no space before CRLF), which leaves exactly
+# the head (_plain_spaces: no double space, no space before CRLF), which leaves exactly
 # ":" or ": " and a value that starts and ends with a visible character (or is empty).
 # One class per line is the least matching work: a words-and-spaces loop is twice it, and
 # a separate class for the first character of the value a quarter more.
@@ -676,15 +676,22 @@ _NO_TOKENS: frozenset[bytes] = frozenset()
 _PLAIN_CONNECTION = {b"keep-alive": frozenset({b"keep-alive"}), b"close": frozenset({b"close"})}
 
 
-# A double space, or a space before a CRLF: what the plain patterns leave to check. The
-# plain heads search the field lines only, from the first one up to the CRLF of the last:
-# the start line is not scanned (an empty reason phrase is "200 " CRLF, RFC 9112 §4). One
-# regex search: two ``bytes.find`` scans cost 2.5 times it.
-# The plain heads also count lines only when the section is long enough to hold more
-# than the limit (a field line is at least four bytes, ``n:`` CRLF).
-# Both checks are written out in the two plain heads rather than called: they run on
-# every request and every response, where a Python call costs as much as the search.
+# A double space, or a space before a CRLF: what the plain patterns leave to check.
 _NOT_CANONICAL = re.compile(rb"  | \r\n")
+
+
+def _plain_spaces(buf: bytes, start: int, end: int) -> bool:
+    """No double space and no space before a CRLF in the field lines ``buf[start:end + 2]``
+    (start: the first field line; end: where the head's CRLF CRLF starts) — what the plain
+    patterns leave to check. The start line is not scanned: an empty reason phrase is
+    "200 " CRLF (RFC 9112 §4). One regex search: two ``bytes.find`` scans cost 2.5 times it."""
+    return _NOT_CANONICAL.search(buf, start, end + 2) is None
+
+
+def _too_many_lines(block: bytes, limit: int) -> bool:
+    """More than ``limit`` lines in a matched field section; a field line is at least four
+    bytes (``n:`` CRLF), so a short section is not counted at all."""
+    return len(block) > 4 * limit and block.count(b"\n") > limit
 
 
 def plain_ows(block: bytes) -> bool:
@@ -820,14 +827,11 @@ class RequestParser(_Parser):
         if end == -1 or end + 4 > self.limits.head_size:
             return None
         m = _PLAIN_REQUEST.match(buf, 0, end + 4)
-        if (m is None or m.end() != end + 4
-                or _NOT_CANONICAL.search(buf, m.start(4), end + 2) is not None):
+        if m is None or m.end() != end + 4 or not _plain_spaces(buf, m.start(4), end):
             return None
         method, target, minor, block = m.groups()
         limits = self.limits
-        if m.start(4) - 2 > limits.request_line or (
-                len(block) > 4 * limits.header_count
-                and block.count(b"\n") > limits.header_count):
+        if m.start(4) - 2 > limits.request_line or _too_many_lines(block, limits.header_count):
             return None
         host = None
         tokens = _NO_TOKENS
@@ -849,11 +853,10 @@ class RequestParser(_Parser):
                 return None  # framing, TE, Upgrade, Expect, Via, auth, a second Host
         if host is None:
             return None
-        # _keep_alive for the tokens a plain head can carry (none, keep-alive or close).
-        keep_alive = b"close" not in tokens if minor == b"1" else b"keep-alive" in tokens
+        version = 11 if minor == b"1" else 10
         # RFC 9112 §6.3: no Content-Length or Transfer-Encoding, no body.
-        req = RequestHead(method, target, 11 if minor == b"1" else 10, None, Framing.NONE, 0,
-                          keep_alive, tokens, None, block)
+        req = RequestHead(method, target, version, None, Framing.NONE, 0,
+                          _keep_alive(version, tokens), tokens, None, block)
         req.plain = True
         req.plain_host = host
         req.plain_hop_lines = hop_lines
@@ -1025,12 +1028,10 @@ class ResponseParser(_Parser):
         if end + 4 > self.limits.head_size or self._method == b"HEAD":
             return None
         m = _PLAIN_RESPONSE.match(buf, 0, end + 4)
-        if (m is None or m.end() != end + 4
-                or _NOT_CANONICAL.search(buf, m.start(4), end + 2) is not None):
+        if m is None or m.end() != end + 4 or not _plain_spaces(buf, m.start(4), end):
             return None
         minor, code, reason, block = m.groups()
-        limit = self.limits.header_count
-        if len(block) > 4 * limit and block.count(b"\n") > limit:
+        if _too_many_lines(block, self.limits.header_count):
             return None
         status = int(code)
         if status == 204 or status == 304:
@@ -1057,11 +1058,10 @@ class ResponseParser(_Parser):
                 return None
         if length == -1:
             return None  # no Content-Length: close-delimited (general path)
-        # _keep_alive for the tokens a plain head can carry (none, keep-alive or close).
-        keep_alive = b"close" not in tokens if minor == b"1" else b"keep-alive" in tokens
-        head = ResponseHead(status, reason or b"", 11 if minor == b"1" else 10, None,
+        version = 11 if minor == b"1" else 10
+        head = ResponseHead(status, reason or b"", version, None,
                             Framing.LENGTH if length else Framing.NONE, length,
-                            keep_alive, tokens, None, block)
+                            _keep_alive(version, tokens), tokens, None, block)
         head.plain = True
         head.keep_alive_field = keep_alive_field
         return head
