@@ -14,11 +14,13 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, ClassVar
 
 from . import errors
-from .headers import (client_response_head, error_response, filter_trailers, has_loop,
-                      informational_head, upstream_request_head)
+from .headers import (MAX_FORWARDS_METHODS, client_response_head, decrement_max_forwards,
+                      error_response, filter_trailers, final_recipient_response, has_loop,
+                      informational_head, max_forwards, upstream_request_head)
 from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, Framing,
                     IncompleteMessage, ParseError, RequestHead, RequestParser, ResponseHead,
                     chunk_frame, field_values, last_chunk, lower_names)
+from .router import valid_host_field
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
 
@@ -276,12 +278,18 @@ class ClientConnection(asyncio.Protocol):
                 self.tunnel.start(self.parser.take_buffered())
                 return
             route = worker.router.route(req.method, req.target)
+            host = req.plain_host if req.plain else req.get(b"host")
+            if host != route.host_header and host is not None and not valid_host_field(host):
+                # RFC 9112 §3.2: 400 for an invalid Host, though a proxy replaces it.
+                raise errors.ParseError("invalid Host header field")
             if worker.host_rules:
                 worker.connector.policy.check_host(route.origin.host)
         except errors.ProxyError as exc:
             self._fail_early(exc)
             return
         self.route = route
+        if req.method in MAX_FORWARDS_METHODS and self._hop_limit_reached(req):
+            return
         self.pool = worker.pool_for(route)
         self.state = ClientState.WAITING
         # Parse what is buffered of the body first: a malformed body that already arrived
@@ -315,15 +323,38 @@ class ClientConnection(asyncio.Protocol):
                 raise errors.ProxyError("unsupported expectation", status=417,
                                         error_type="http_request_error")
 
+    def _hop_limit_reached(self, req: RequestHead) -> bool:
+        """RFC 9110 §7.6.2: a TRACE or OPTIONS with Max-Forwards 0 is answered here (True);
+        with a larger value it goes on with the value one less."""
+        hops = max_forwards(req)
+        if hops is None:
+            return False
+        if hops:
+            decrement_max_forwards(req, hops)
+            return False
+        self._end_early()
+        self._log(200, "")
+        self._send(final_recipient_response(req, self.keep_alive, self.worker.via(req.version)))
+        self._finish_early()
+        return True
+
     def _fail_early(self, exc: errors.ProxyError) -> None:
         """An error before anything went upstream; the request body (if any) is unread."""
+        self._end_early()
+        self.worker.stats.errors += 1
+        self._send_error(exc)
+        self._finish_early()
+
+    def _end_early(self) -> None:
+        """The request is answered before anything of it went upstream: take the end of a
+        body-less one; with a body unread, the connection cannot be kept."""
         req = self.req
         if req is not None and req.has_body:
             self.keep_alive = False  # cannot find the next request without reading the body
         elif req is not None:
             self.parser.next_event()  # the EndOfMessage of a body-less request
-        self.worker.stats.errors += 1
-        self._send_error(exc)
+
+    def _finish_early(self) -> None:
         if self.keep_alive:
             self._finish()
         else:
@@ -432,7 +463,8 @@ class ClientConnection(asyncio.Protocol):
             if type(event) is bytes:
                 parts.extend(chunk_frame(event) if chunked else (event,))
             elif chunked:
-                parts.append(last_chunk(filter_trailers(event.trailers)))  # type: ignore[union-attr]
+                parts.append(last_chunk(filter_trailers(
+                    event.trailers, self.req.connection_tokens)))  # type: ignore[union-attr]
         done = self.body_read
         self.pending = []
         self.pending_size = 0
@@ -548,7 +580,8 @@ class ClientConnection(asyncio.Protocol):
         """The response is complete."""
         self._log(self.resp.status if self.resp else 0, "")
         if self.out_framing is Framing.CHUNKED:
-            self._send(last_chunk(filter_trailers(trailers)))
+            tokens = self.resp.connection_tokens if self.resp is not None else frozenset()
+            self._send(last_chunk(filter_trailers(trailers, tokens)))
         conn = self.upstream
         self.upstream = None
         if conn is not None:

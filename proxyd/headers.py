@@ -48,9 +48,57 @@ def _filtered(head: RequestHead | ResponseHead) -> Headers:
             if lname not in HOP_BY_HOP and lname not in named]
 
 
-def filter_trailers(trailers: Headers) -> Headers:
-    """Trailer fields safe to forward."""
-    return [(n, v) for n, v in trailers if n.lower() not in FORBIDDEN_TRAILERS]
+def filter_trailers(trailers: Headers, named: frozenset[bytes] = frozenset()) -> Headers:
+    """Trailer fields safe to forward: none a trailer must not carry, and none of ``named``,
+    the message's Connection tokens (RFC 9110 §7.6.1: a proxy removes the header or
+    trailer fields a connection option names)."""
+    return [(n, v) for n, v in trailers
+            if n.lower() not in FORBIDDEN_TRAILERS and n.lower() not in named]
+
+
+# RFC 9110 §7.6.2: the methods whose requests carry a hop limit a proxy must keep.
+MAX_FORWARDS_METHODS = frozenset({b"TRACE", b"OPTIONS"})
+# Request fields a TRACE answer leaves out (RFC 9110 §9.3.8: likely to hold secrets).
+_SENSITIVE_FIELDS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+def max_forwards(req: RequestHead) -> int | None:
+    """The request's Max-Forwards hop count; None when absent or not one 1*DIGIT value
+    (such a request is forwarded as it came, as Squid does)."""
+    values = [v for n, (_, v) in zip(req.lnames, req.headers) if n == b"max-forwards"]
+    if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 18:
+        return None
+    return int(values[0])
+
+
+def decrement_max_forwards(req: RequestHead, hops: int) -> None:
+    """Forward ``req`` with Max-Forwards one less (RFC 9110 §7.6.2): its fields are rebuilt
+    rather than forwarded as received."""
+    req.headers = [(n, b"%d" % (hops - 1) if n.lower() == b"max-forwards" else v)
+                   for n, v in req.headers]
+    req.lnames = [n.lower() for n, _ in req.headers]
+    req.plain = False
+    req.raw_block = b""
+
+
+def final_recipient_response(req: RequestHead, keep_alive: bool, via: bytes) -> bytes:
+    """The answer to a TRACE or OPTIONS whose Max-Forwards reached 0 here: proxyd is its
+    final recipient (RFC 9110 §7.6.2). TRACE reflects the request as ``message/http``
+    without the fields that may hold credentials (§9.3.8); OPTIONS gets an empty 200."""
+    body = b""
+    headers: Headers = []
+    if req.method == b"TRACE":
+        fields = [(n, v) for n, v in req.headers if n.lower() not in _SENSITIVE_FIELDS]
+        body = serialize_head(b"%s %s HTTP/1.%d" % (req.method, req.target, req.version % 10),
+                              fields)
+        headers.append((b"Content-Type", b"message/http"))
+    headers += [
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Via", via),
+        (b"Proxy-Status", b'proxyd; details="Max-Forwards is 0: answered by the proxy"'),
+        (b"Connection", b"keep-alive" if keep_alive else b"close"),
+    ]
+    return serialize_head(b"HTTP/1.1 200 OK", headers) + body
 
 
 def via_entry(version: int, pseudonym: str) -> bytes:

@@ -21,6 +21,11 @@ _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.S)
 # The usual target in one match: http(s), an authority, a path without a fragment.
 _HTTP_TARGET = re.compile(rb"(?i:https?)://([^/?#]*)(/[^#]*)")
 _CACHE_SIZE = 1024
+# RFC 9110 §7.2: Host = uri-host [ ":" port ] (RFC 3986 §3.2.2-3.2.3): an IP literal, or a
+# reg-name (which includes IPv4 addresses and the empty name), then an optional port.
+_HOST_FIELD = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|\[[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\]"
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 
 
 class OriginKey(NamedTuple):
@@ -74,6 +79,12 @@ def split_authority(authority: str) -> tuple[str, int | None]:
             raise ParseError("invalid port in authority")
         port = int(digits)
     return host.lower(), port
+
+
+def valid_host_field(value: bytes) -> bool:
+    """True when ``value`` has the syntax of a Host field value (RFC 9110 §7.2); RFC 9112
+    §3.2: a request with an invalid one gets 400, even though a proxy replaces it."""
+    return _HOST_FIELD.fullmatch(value) is not None
 
 
 def _absolute_parts(method: bytes, target: bytes) -> tuple[bytes, bytes]:

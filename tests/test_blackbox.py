@@ -327,6 +327,72 @@ def test_hop_by_hop_headers_removed(proxyd, tls_origin):
     assert has_via_proxyd(req.header_all("Via")), req.raw_head
 
 
+def test_trailer_named_by_connection_not_forwarded(proxyd, tls_origin):
+    """RFC 9110 §7.6.1: the fields a Connection option names are removed, trailer fields
+    included."""
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"POST {o.url('/upload')} HTTP/1.1\r\nHost: {o.authority}\r\n"
+               "Connection: X-Hop\r\nTransfer-Encoding: chunked\r\n\r\n"
+               "5\r\nhello\r\n0\r\nX-Hop: secret\r\nX-Other: ok\r\n\r\n")
+        r = c.response()
+    assert r.status == 200, (r.raw_head, r.body)
+    assert json.loads(r.body)["trailers"] == [["X-Other", "ok"]]
+    assert b"secret" not in o.raw_bytes_for(o.requests[-1])
+
+
+@pytest.mark.parametrize("method", ["TRACE", "OPTIONS"])
+def test_max_forwards_zero_is_answered_by_the_proxy(proxyd, tls_origin, method):
+    """RFC 9110 §7.6.2: with Max-Forwards 0 the proxy MUST NOT forward the request and
+    answers as its final recipient; the connection stays usable."""
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"{method} {o.url('/headers')} HTTP/1.1\r\nHost: {o.authority}\r\n"
+               "Max-Forwards: 0\r\nCookie: secret=1\r\n\r\n")
+        r = c.response(method)
+        assert r.status == 200, (r.raw_head, r.body)
+        assert has_via_proxyd(r.header_all("Via")) and proxy_status(r).startswith("proxyd")
+        if method == "TRACE":
+            assert r.header("Content-Type") == "message/http"
+            assert r.body.startswith(f"TRACE {o.url('/headers')} HTTP/1.1\r\n".encode())
+            assert b"Max-Forwards: 0" in r.body and b"secret" not in r.body
+        else:
+            assert r.body == b""
+        c.send(f"GET {o.url('/bytes/5')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+        assert c.response().body == pattern_bytes(5)
+    assert [r.target for r in o.requests] == ["/bytes/5"]
+
+
+def test_max_forwards_is_decremented(proxyd, tls_origin):
+    """RFC 9110 §7.6.2: a non-zero Max-Forwards is forwarded one less."""
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"OPTIONS {o.url('/headers')} HTTP/1.1\r\nHost: {o.authority}\r\n"
+               "Max-Forwards: 5\r\n\r\n")
+        r = c.response("OPTIONS")
+    assert r.status == 200, (r.raw_head, r.body)
+    assert o.requests[-1].header_all("Max-Forwards") == ["4"]
+
+
+@pytest.mark.parametrize("value", ["a b", "u@evil.example", "{authority}, evil.example",
+                                   "localhost:abc", 'exa"mple', "[::1"])
+def test_invalid_host_field_is_400(proxyd, tls_origin, value):
+    """RFC 9112 §3.2: a server MUST answer 400 to a Host field with an invalid value, even
+    a proxy that would have replaced it with the target's authority."""
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"GET {o.url('/headers')} HTTP/1.1\r\n"
+               f"Host: {value.format(authority=o.authority)}\r\n\r\n")
+        r = c.response()
+    assert_proxy_error(r, r.body, 400, "http_request_error")
+    assert b"Host" in r.body
+    assert not o.requests
+
+
 def test_pipelined_requests(proxyd, tls_origin):
     o = tls_origin
     p = proxyd()

@@ -16,9 +16,12 @@ from proxyd.config import Config, from_mapping
 from proxyd.errors import ParseError, ProxyError
 from proxyd.headers import (
     client_response_head,
+    decrement_max_forwards,
     error_response,
     filter_trailers,
+    final_recipient_response,
     has_loop,
+    max_forwards,
     upstream_request_head,
     via_entry,
 )
@@ -30,7 +33,7 @@ from proxyd.http1 import (
     ResponseHead,
     ResponseParser,
 )
-from proxyd.router import OriginKey, Router, split_authority
+from proxyd.router import OriginKey, Router, split_authority, valid_host_field
 
 VIA = b"1.1 proxyd"
 
@@ -395,6 +398,83 @@ def test_filter_trailers():
     ]
     assert filter_trailers(trailers) == [(b"Server-Timing", b"db;dur=5"),
                                          (b"X-Checksum", b"abc")]
+
+
+def test_filter_trailers_drops_fields_named_by_connection():
+    """RFC 9110 §7.6.1: a proxy removes the header *or trailer* fields a connection option
+    names (the tokens come lower-cased from the parser)."""
+    trailers = [(b"X-Hop", b"secret"), (b"x-other", b"ok"), (b"X-HOP", b"again")]
+    assert filter_trailers(trailers, frozenset({b"x-hop"})) == [(b"x-other", b"ok")]
+
+
+# ============================================================================================
+# Max-Forwards (RFC 9110 §7.6.2) and the Host field's syntax (RFC 9112 §3.2)
+# ============================================================================================
+
+@pytest.mark.parametrize("lines, expected", [
+    pytest.param((b"Max-Forwards: 0",), 0, id="zero"),
+    pytest.param((b"max-forwards: 17",), 17, id="lower-case-name"),
+    pytest.param((), None, id="absent"),
+    pytest.param((b"Max-Forwards: 5, 3",), None, id="list-is-not-a-count"),
+    pytest.param((b"Max-Forwards: 1", b"Max-Forwards: 2"), None, id="two-lines"),
+    pytest.param((b"Max-Forwards: -1",), None, id="negative"),
+    pytest.param((b"Max-Forwards: 1e3",), None, id="not-digits"),
+    pytest.param((b"Max-Forwards: " + b"9" * 40,), None, id="absurdly-long"),
+])
+def test_max_forwards(lines, expected):
+    """A hop count is 1*DIGIT; anything else is forwarded as it came (as Squid does)."""
+    assert max_forwards(request(*lines, start=b"TRACE http://h/ HTTP/1.1")) == expected
+
+
+def test_decremented_max_forwards_reaches_the_origin():
+    """§7.6.2: an intermediary MUST decrement a non-zero Max-Forwards before forwarding,
+    also from a head that would otherwise go out as received."""
+    req = parse_request(b"OPTIONS http://h/ HTTP/1.1\r\nHost: h\r\nMax-Forwards: 10\r\n"
+                        b"X-Kept: 1\r\n\r\n")
+    decrement_max_forwards(req, max_forwards(req))
+    out = parse_request(upstream_request_head(req, b"/", b"h", VIA))
+    assert out.get(b"max-forwards") == b"9"
+    assert out.get(b"x-kept") == b"1" and out.get(b"host") == b"h"
+
+
+def test_trace_answered_as_final_recipient():
+    """§9.3.8: the final recipient reflects the request as message/http, minus the fields
+    likely to hold credentials."""
+    req = parse_request(b"TRACE http://h/p HTTP/1.1\r\nHost: h\r\nMax-Forwards: 0\r\n"
+                        b"Cookie: s=1\r\nAuthorization: Basic eA==\r\nX-Mine: yes\r\n\r\n")
+    resp, body = parse_response(final_recipient_response(req, True, VIA), b"TRACE")
+    assert resp.status == 200 and resp.keep_alive
+    assert resp.get(b"content-type") == b"message/http"
+    assert resp.get(b"via") == VIA and resp.get(b"proxy-status").startswith(b"proxyd")
+    assert body == (b"TRACE http://h/p HTTP/1.1\r\nHost: h\r\nMax-Forwards: 0\r\n"
+                    b"X-Mine: yes\r\n\r\n")
+    assert parse_request(body).method == b"TRACE"  # the reflection is itself a valid request
+
+
+def test_options_answered_as_final_recipient():
+    req = parse_request(b"OPTIONS http://h/ HTTP/1.0\r\nMax-Forwards: 0\r\n\r\n")
+    resp, body = parse_response(final_recipient_response(req, False, VIA), b"OPTIONS")
+    assert (resp.status, body, resp.get(b"content-length")) == (200, b"", b"0")
+    assert not resp.keep_alive
+
+
+@pytest.mark.parametrize("value", [
+    b"example.test", b"example.test:8443", b"EXAMPLE.test:", b"10.0.0.1:80", b"[::1]:8443",
+    b"[2001:db8::1]", b"", b"a_b-c~d.e", b"%41bc", b"[v1.fe80::a+en1]",
+])
+def test_valid_host_field(value):
+    """RFC 9110 §7.2: uri-host [":" port]; an empty value is what a client sends when the
+    target has no authority."""
+    assert valid_host_field(value)
+
+
+@pytest.mark.parametrize("value", [
+    b"a b", b"u@evil.example", b"localhost:1, evil.example", b"localhost:abc", b'exa"mple',
+    b"[::1", b"::1", b"h:1:2", b"%4", b"h/x", b"h?q", b"h#f", b"h\xff",
+])
+def test_invalid_host_field(value):
+    """RFC 9112 §3.2: a server MUST answer 400 to a Host field with an invalid value."""
+    assert not valid_host_field(value)
 
 
 # ============================================================================================
