@@ -8,12 +8,13 @@ upstream connection at a time; requests pipelined behind it wait in the parser's
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, ClassVar
 
-from . import errors
+from . import errors, logs
 from .headers import (MAX_FORWARDS_METHODS, client_response_head, decrement_max_forwards,
                       error_response, filter_trailers, final_recipient_response, has_loop,
                       informational_head, max_forwards, upstream_request_head)
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from .pool import Pool
     from .router import Route
     from .worker import Worker
+
+# Why an exchange with the origin failed (the client gets it in the error body; operators
+# in the log, as nginx's error log says "upstream sent invalid chunked response").
+_origin_failures = logs.RateLimited(logging.getLogger("proxyd.client"))
 
 # RFC 9110 §9.2.2: methods whose repetition has the same effect, hence safe to retry.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -334,7 +339,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         self._end_early()
         self._log(200, "")
-        self._send(final_recipient_response(req, self.keep_alive, self.worker.via(req.version)))
+        self._send(final_recipient_response(req, self.keep_alive))
         self._finish_early()
         return True
 
@@ -369,6 +374,14 @@ class ClientConnection(asyncio.Protocol):
         req = self.req
         route = self.route
         assert req is not None and route is not None
+        if reused and req.method not in IDEMPOTENT and conn.peer_closing():
+            # RFC 9112 §9.3.1: a request that is not retried must not go into a connection
+            # the origin has already closed — its FIN can sit unread when the connection
+            # comes straight from the response that preceded it (a queued waiter, a
+            # pipelined request). One peek, for non-idempotent requests only.
+            conn.close("origin_closed")
+            self.pool.acquire(self, fresh=True)  # type: ignore[union-attr]
+            return
         self.t_conn = time.monotonic()
         self.upstream = conn
         self.state = ClientState.ACTIVE
@@ -524,7 +537,7 @@ class ClientConnection(asyncio.Protocol):
                 self._upstream_protocol_error("origin switched protocols without being asked")
             elif req.version >= 11:
                 # RFC 9110 §15.2: forward 1xx (100 Continue, 103 Early Hints) to 1.1 clients.
-                self._send(informational_head(head, self.worker.via(11)))
+                self._send(informational_head(head, self.worker.via(head.version)))
             return
         self._send(self._final_head(head, req))
         self.deadline = self.t_head + self.worker.timeouts.body_idle  # the body's first bytes
@@ -561,7 +574,8 @@ class ClientConnection(asyncio.Protocol):
         if framing is Framing.CLOSE or not self.req_done or self.worker.draining:
             self.keep_alive = False  # say "close" now rather than close after a keep-alive
         return client_response_head(
-            head, framing, self.keep_alive, req.version, self.worker.via(req.version))
+            head, framing, self.keep_alive, req.version,
+            self.worker.via(head.version))  # RFC 9110 §7.6.3: the version received
 
     def on_response_data(self, data: bytes) -> None:
         """A piece of response body."""
@@ -654,11 +668,20 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         if conn is not None:
             conn.close("error")
+        if self.t_conn and isinstance(exc, errors.UpstreamError):
+            # The exchange had a connection: the origin failed it (the pool logs its own
+            # failures to connect).
+            _origin_failures.warning(
+                "origin %s failed a request: %s", self.route.origin if self.route else "?",
+                exc.reason, fields={"error": exc.error_type, "client": self.peer})
         if self.resp_started or self.state is ClientState.CLOSED:
             # Part of the response is out: closing is the only honest signal (the client
             # sees a short body or a missing last chunk, never a falsely complete one).
             self._log(self.resp.status if self.resp else 0, exc.error_type)
-            self._close()
+            if self.resp_started and self.out_framing is Framing.CLOSE:
+                self._reset()  # a FIN would be this body's normal end (RFC 9112 §6.3)
+            else:
+                self._close()
             return
         if not self.req_done:
             self.keep_alive = False
@@ -753,6 +776,19 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     transport.close()
 
+    def _reset(self) -> None:
+        """Close with a TCP RST after what is already written: the client of a body cut
+        short that has no framing of its own (close-delimited, e.g. to an HTTP/1.0 client)
+        then sees an error instead of a complete-looking response (as curl reports:
+        "Connection reset by peer")."""
+        if self._out:
+            self._flush()
+        self.state = ClientState.CLOSED
+        transport = self.transport
+        if transport is not None:
+            reset = getattr(transport, "reset", None)
+            reset() if reset is not None else transport.abort()
+
     def _peer_may_send(self) -> bool:
         """True when the client may still be sending: unparsed bytes, a request body not
         read to its end, or a partial head (closing then could reset our answer away)."""
@@ -778,11 +814,17 @@ class ClientConnection(asyncio.Protocol):
             if self.req_done and not self.resp_started:
                 self._fail(errors.ResponseTimeout(
                     f"origin sent no response within {self.worker.timeouts.response_head:g} s"))
+            elif not self.resp_started and self.paused & _PAUSE_UPSTREAM_FULL:
+                # The client is not read because the origin stopped reading: a 504, as
+                # nginx's proxy_send_timeout gives, not a 408 that blames the client.
+                self._fail(errors.WriteTimeout(
+                    f"origin read none of the request body for "
+                    f"{self.worker.timeouts.body_idle:g} s"))
             elif not self.resp_started:
                 self._fail(errors.ProxyError("request body not received in time",
                                              status=408, error_type="http_request_error"))
             else:
-                self._fail(errors.ConnectionTimeout("no body progress in time",
-                                                    error_type="connection_timeout"))
+                self._fail(errors.ReadTimeout(
+                    f"origin sent no body bytes for {self.worker.timeouts.body_idle:g} s"))
         elif state is ClientState.TUNNEL:
             self._close()

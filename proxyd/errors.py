@@ -69,8 +69,25 @@ class ResponseIncomplete(UpstreamError):
 
 
 class ResponseTimeout(UpstreamError):
+    """No response head in time (RFC 9209 §2.3.26)."""
+
     status = 504
-    error_type = "http_response_incomplete"
+    error_type = "http_response_timeout"
+
+
+class ReadTimeout(UpstreamError):
+    """The origin's body stalled past the idle timeout (RFC 9209 §2.3.10)."""
+
+    status = 504
+    error_type = "connection_read_timeout"
+
+
+class WriteTimeout(UpstreamError):
+    """The origin stopped reading the request body (RFC 9209 §2.3.11): not the client's
+    fault, so not a 408."""
+
+    status = 504
+    error_type = "connection_write_timeout"
 
 
 class ConnectionLimitReached(UpstreamError):

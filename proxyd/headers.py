@@ -81,7 +81,7 @@ def decrement_max_forwards(req: RequestHead, hops: int) -> None:
     req.raw_block = b""
 
 
-def final_recipient_response(req: RequestHead, keep_alive: bool, via: bytes) -> bytes:
+def final_recipient_response(req: RequestHead, keep_alive: bool) -> bytes:
     """The answer to a TRACE or OPTIONS whose Max-Forwards reached 0 here: proxyd is its
     final recipient (RFC 9110 §7.6.2). TRACE reflects the request as ``message/http``
     without the fields that may hold credentials (§9.3.8); OPTIONS gets an empty 200."""
@@ -94,7 +94,6 @@ def final_recipient_response(req: RequestHead, keep_alive: bool, via: bytes) -> 
         headers.append((b"Content-Type", b"message/http"))
     headers += [
         (b"Content-Length", b"%d" % len(body)),
-        (b"Via", via),
         (b"Proxy-Status", b'proxyd; details="Max-Forwards is 0: answered by the proxy"'),
         (b"Connection", b"keep-alive" if keep_alive else b"close"),
     ]

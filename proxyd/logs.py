@@ -43,3 +43,36 @@ def setup(level: str) -> None:
     root.setLevel(level.upper())
     root.propagate = False
     logging.raiseExceptions = bool(os.environ.get("PROXYD_DEBUG"))
+
+
+class RateLimited:
+    """Warnings of one kind, at most ``per_second`` a second; the rest are counted and
+    reported in one line when the next second's first warning is written.
+
+    Why: a failing origin under load fails every request; like nginx, proxyd says why in
+    its log, but a flood would drown everything else (the access log already has a line
+    per request).
+    """
+
+    def __init__(self, logger: logging.Logger, per_second: int = 10) -> None:
+        self._log = logger
+        self._limit = per_second
+        self._window = 0.0
+        self._count = 0
+        self._dropped = 0
+
+    def warning(self, msg: str, *args: Any, fields: dict[str, Any] | None = None) -> None:
+        """Log ``msg % args`` at warning level unless this second's budget is spent."""
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            if self._dropped:
+                self._log.warning("%d more like the last one not logged in the second before",
+                                  self._dropped)
+            self._window = now
+            self._count = 0
+            self._dropped = 0
+        if self._count >= self._limit:
+            self._dropped += 1
+            return
+        self._count += 1
+        self._log.warning(msg, *args, extra={"fields": fields or {}})

@@ -37,6 +37,7 @@ import select
 import selectors
 import socket
 import ssl
+import struct
 import weakref
 from typing import Any
 
@@ -52,6 +53,8 @@ _TLS_PIECE = 262144      # most bytes handed to one SSL_write, so a retried piec
 _LINGER_TIME = 2.0       # longest a lingering close reads and drops the peer's bytes
 _HIGH_WATER = 65536      # asyncio's default write-buffer limits
 _LOW_WATER = _HIGH_WATER // 4
+_LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {on, 0 s}: close() sends a RST
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP   # as selectors maps them
@@ -680,6 +683,33 @@ class SocketTransport(asyncio.Transport):
         """Close now; buffered data is dropped and no close_notify is sent."""
         if not self._closed:
             self._teardown(None)
+
+    def input_waiting(self) -> bool:
+        """True when the peer sent something not read yet, bytes or its EOF (one
+        non-blocking MSG_PEEK on the socket itself, under any TLS). On an idle HTTP/1.1
+        connection that is the peer closing it, even before epoll has said so."""
+        if self._eof or self._closing or self._closed:
+            return True
+        if self._tls and self._sock.pending():
+            return True
+        try:
+            socket.socket.recv(self._sock, 1, _PEEK_FLAGS)  # the kernel's, not OpenSSL's
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # reset by the peer: as good as closed
+        return True  # a byte, or b"" for an EOF
+
+    def reset(self) -> None:
+        """Abort with a TCP RST (SO_LINGER 0) instead of a FIN: for a peer that must see an
+        error, not an end of stream (a close-delimited body cut short, RFC 9112 §6.3)."""
+        if self._closed:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:
+            pass  # already reset by the peer: closing is all that is left
+        self.abort()
 
     def _finish_close(self) -> None:
         if self._linger and not self._closed:

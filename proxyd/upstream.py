@@ -256,6 +256,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = None
         return self.parser.clean_end()
 
+    def peer_closing(self) -> bool:
+        """True when the origin sent something since the last response (on an idle
+        connection, its close): a request written now would be lost."""
+        waiting = getattr(self.transport, "input_waiting", None)  # a SocketTransport's
+        return self.transport is None or (waiting is not None and waiting())
+
     def expired(self, now: float) -> str:
         """The reason this connection must not be reused now, or ""."""
         if self.requests >= self.max_requests:

@@ -28,9 +28,14 @@ Endpoints (any method; HEAD on any path sends the GET head without a body):
                       framing, trailers, expect_continue_sent}
 /status/CODE          that status; 204 and 304 carry no body
 /slow-head/SECONDS    waits SECONDS before sending the head, then "slow\\n"
+/stall-read/SECONDS   reads none of the request body for SECONDS, then answers and closes
 /slow-body/SECONDS    sends the head at once (Content-Length N, ``?size=N``, default 4000),
                       then N pattern bytes in ``?steps=S`` (default 20) equal pieces, one
                       every SECONDS/S, so the body ends SECONDS after the head
+/cut/N                a chunked response cut off after N body bytes (no last chunk, no
+                      close_notify)
+/late-close/SECONDS   after SECONDS a complete keep-alive response "ok", then a close at once
+                      (no close_notify)
 /garbage              answers ``garbage\\r\\n\\r\\n`` and closes
 /hangup               closes the connection (no TLS close_notify) right after the request
 ====================  ======================================================================
@@ -741,6 +746,12 @@ class _ConnHandler:
         self.srv._stop.wait(delay)  # a deliberate delay, cut short when the origin stops
         r.simple(200, b"slow\n")
 
+    def ep_stall_read(self, r, req, args, qs, body):
+        """An origin that stops reading: none of the body is read for SECONDS."""
+        self.srv._stop.wait(float(args[0]))
+        r.keep = False
+        r.simple(200, b"late\n")
+
     def ep_slow_body(self, r, req, args, qs, body):
         seconds = float(args[0])
         size = int(qs.get("size", ["4000"])[0])
@@ -765,6 +776,29 @@ class _ConnHandler:
         self.send(b"garbage\r\n\r\n")
         r.closed = True
         self.close_gracefully()
+
+    def ep_cut(self, r, req, args, qs, body):
+        """A chunked response cut off inside its first chunk: N body bytes of a chunk that
+        announced more, then a close without close_notify."""
+        n = int(args[0])
+        r.start(200, [("Content-Type", "application/octet-stream"),
+                      ("Transfer-Encoding", "chunked")])
+        r.write_raw(b"%x\r\n" % (n + 100) + pattern_bytes(n))
+        r.closed = True
+        self.close_abruptly()
+
+    def ep_late_close(self, r, req, args, qs, body):
+        """After SECONDS, a complete keep-alive response ("ok", no Connection: close) and at
+        once a close without close_notify: the origin's close follows its last response."""
+        for _ in body:
+            pass
+        self.srv._stop.wait(float(args[0]))
+        # Corked, the response and the FIN leave in one segment: the proxy cannot read the
+        # one without the other being in its socket already.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        self.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        r.closed = True
+        self.close_abruptly()
 
     def ep_hangup(self, r, req, args, qs, body):
         r.closed = True

@@ -89,6 +89,41 @@ def test_body_idle_timeout_cuts_a_stalled_response(proxyd, tls_origin):
     assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 1000" in head
     assert len(body) < 1000, "a stalled body must not look complete"
     assert took < 3.0, took
+    # RFC 9209 §2.3.10: the access log names it a read timeout (not a connect timeout)
+    assert p.wait_for_log(r"error=connection_read_timeout"), p.stderr_text()[-2000:]
+
+
+def test_origin_that_stops_reading_the_upload_gets_504_not_408(proxyd, tls_origin):
+    """The origin takes the head and then reads nothing for seconds: proxyd stops reading
+    the client (backpressure), and when body_idle passes it answers 504
+    connection_write_timeout, as nginx's proxy_send_timeout does; a 408 would blame a
+    client that had megabytes more to send."""
+    p = proxyd(workers=1, config={"timeouts": {"body_idle": 1.0, "response_head": 30.0}})
+    size = 256 << 20  # more than every socket buffer on the way can hold
+    with socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT) as s:
+        s.sendall(f"PUT {tls_origin.url('/stall-read/4')} HTTP/1.1\r\n"
+                  f"Host: {tls_origin.authority}\r\nContent-Length: {size}\r\n\r\n".encode())
+        piece = b"u" * 65536
+        sent = 0
+        s.setblocking(False)
+        data = b""
+        t0 = time.monotonic()
+        while b"\r\n\r\n" not in data and time.monotonic() - t0 < IO_TIMEOUT:
+            readable, writable, _ = select.select([s], [s] if sent < size else [], [], 1.0)
+            if writable:
+                try:
+                    sent += s.send(piece)
+                except BlockingIOError:
+                    pass
+            if readable:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 504"), data[:300]
+    assert b"error=connection_write_timeout" in data
+    assert sent < size, "the client was never held back"
+    assert p.wait_for_log(r"status=504.*error=connection_write_timeout"), p.stderr_text()[-2000:]
 
 
 def test_tunnel_idle_timeout_closes_a_silent_tunnel(proxyd, echo_server):

@@ -873,3 +873,31 @@ def test_prometheus_end_to_end(proxyd, tls_origin, tmp_path):
     finally:
         prom.stop()
     assert not problems, "\n".join(problems) + f"\n--- prometheus log ---\n{prom.log()}"
+
+
+def test_rate_limited_warnings_say_how_many_were_dropped(monkeypatch):
+    """A failing origin under load must not flood the log: ten warnings a second, then one
+    line with the count of those left out."""
+    import logging
+
+    from proxyd import logs
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("proxyd.test-rate-limited")
+    logger.addHandler(Keep())
+    logger.propagate = False
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    limited = logs.RateLimited(logger, per_second=10)
+    for i in range(25):
+        limited.warning("failure %d", i)
+    assert records == [f"failure {i}" for i in range(10)]
+    clock[0] += 1.0
+    limited.warning("failure %d", 25)
+    assert records[10:] == ["15 more like the last one not logged in the second before",
+                            "failure 25"]

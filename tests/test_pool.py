@@ -166,6 +166,27 @@ async def test_limit_queues_fifo_then_503(tls_origin, ca_pem):
 
 
 @run_async
+async def test_queued_post_is_not_written_into_a_connection_the_origin_closed(tls_origin, ca_pem):
+    """The origin closes right after a keep-alive response, and a POST waits in the queue
+    for that very connection: its FIN is in the socket before epoll has said so. A POST
+    is never retried (RFC 9112 §9.3.1), so the pool must not hand it over: the POST goes
+    on a fresh connection instead of failing with 502."""
+    cfg = make_cfg(ca_pem, tls_origin, warm=1, max_connections=1)
+    async with running_worker(cfg) as (worker, port):
+        pool = pool_of(worker, tls_origin)
+        await wait_until(lambda: len(pool.idle) == 1)
+        first = asyncio.ensure_future(fetch(port, "GET", tls_origin.url("/late-close/0.3")))
+        await wait_until(lambda: len(pool.busy) == 1)
+        second = asyncio.ensure_future(fetch(port, "POST", tls_origin.url("/echo"), b"data"))
+        await wait_until(lambda: len(pool.waiters) == 1)
+        assert (await first)[0] == 200
+        status, _, body = await second
+        assert (status, body) == (200, b"data")
+        assert pool.ostats.closed["origin_closed"] >= 1
+        assert [r.method for r in tls_origin.requests] == ["GET", "POST"]
+
+
+@run_async
 async def test_idle_ttl_closes_and_floor_refills(tls_origin, ca_pem):
     cfg = make_cfg(ca_pem, tls_origin, warm=1, idle_ttl=0.3)
     async with running_worker(cfg) as (worker, _):
