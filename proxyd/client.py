@@ -683,8 +683,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._close()
             return
-        if not self.req_done:
-            self.keep_alive = False
+        if not self.body_read:
+            self.keep_alive = False  # the rest of the body is unread: the stream is lost
         self._send_error(exc)
         if self.keep_alive:
             self._finish()

@@ -578,6 +578,12 @@ def test_connection_refused(proxyd):
     r, body = get(p.port, f"http://127.0.0.1:{port}/bytes/1")
     assert time.monotonic() - t0 < 1.0
     assert_proxy_error(r, body, 502, "connection_refused")
+    # the request was read whole: the client connection stays usable (as with nginx)
+    with Raw(p.port) as c:
+        for _ in range(2):
+            c.send(f"GET http://127.0.0.1:{port}/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
+            r = c.response()
+            assert r.status == 502 and r.header("Connection") == "keep-alive", r.raw_head
 
 
 def test_tls_handshake_timeout(proxyd):
