@@ -187,6 +187,37 @@ async def test_queued_post_is_not_written_into_a_connection_the_origin_closed(tl
 
 
 @run_async
+async def test_failed_open_leaves_a_waiter_to_a_busy_connection(tls_origin, ca_pem):
+    """An origin slow to take new handshakes under load still serves the connections it
+    has: a waiter whose new connection failed keeps waiting for a busy one (up to
+    pool_wait) instead of getting the handshake's error at once."""
+    cfg = make_cfg(ca_pem, tls_origin, warm=1, max_connections=2)
+    async with running_worker(cfg) as (worker, _):
+        pool = pool_of(worker, tls_origin)
+        await wait_until(lambda: len(pool.idle) == 1)
+        holder = FakeWaiter()
+        pool.acquire(holder)
+
+        async def failing_open(_pool: Pool) -> None:
+            raise errors.ConnectionTimeout("TLS handshake to localhost timed out")
+
+        pool.connector.open = failing_open  # type: ignore[method-assign]
+        waiter = FakeWaiter()
+        pool.acquire(waiter)
+        await wait_until(lambda: pool.failures >= 1 and pool.connecting == 0)
+        assert waiter.conn is None and waiter.error is None
+        pool.release(holder.conn, reusable=True)
+        assert waiter.conn is holder.conn
+        # With nothing busy, the failure is the answer: no waiting for pool_wait.
+        pool.release(waiter.conn, reusable=True)
+        pool.idle.pop().close("test")
+        late = FakeWaiter()
+        pool.acquire(late)
+        await asyncio.wait_for(late.event.wait(), TIMEOUT)
+        assert isinstance(late.error, errors.ConnectionTimeout)
+
+
+@run_async
 async def test_idle_ttl_closes_and_floor_refills(tls_origin, ca_pem):
     cfg = make_cfg(ca_pem, tls_origin, warm=1, idle_ttl=0.3)
     async with running_worker(cfg) as (worker, _):
