@@ -193,7 +193,11 @@ class ClientConnection(asyncio.Protocol):
             # The exchange did not finish: its connection holds a partial message.
             self.upstream = None
             upstream.close("client_aborted")
-        if self.req is not None and state is not ClientState.HEAD:
+        if self.tunnel is not None and self.t_conn:
+            # A tunnel that was established ends when either side closes it: its 200, with
+            # the bytes each way (as Squid logs CONNECT).
+            self._log(200, "")
+        elif self.req is not None and state is not ClientState.HEAD:
             self._log(self.resp.status if self.resp else 0, "client_aborted")
 
     def pause_writing(self) -> None:
@@ -637,6 +641,7 @@ class ClientConnection(asyncio.Protocol):
     # -- CONNECT tunnel -----------------------------------------------------------------------
     def tunnel_established(self) -> None:
         """The target accepted the TCP connection: say so, then bytes flow raw."""
+        self.t_conn = self.t_head = time.monotonic()  # the access log's wait and ttfb
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
 

@@ -67,6 +67,7 @@ class Tunnel:
     def from_client(self, data: bytes) -> None:
         """Bytes from the client towards the target."""
         self.client.deadline = time.monotonic() + self.client.worker.timeouts.tunnel_idle
+        self.client.bytes_in += len(data)
         if self.transport is not None:
             self.transport.write(data)
             return
@@ -89,7 +90,10 @@ class Tunnel:
     def to_client(self, data: bytes) -> None:
         """Bytes from the target towards the client."""
         self.client.deadline = time.monotonic() + self.client.worker.timeouts.tunnel_idle
-        transport = self.client.transport
+        client = self.client
+        client.bytes_out += len(data)
+        client.worker.stats.bytes_to_clients += len(data)
+        transport = client.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
 

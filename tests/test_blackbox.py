@@ -192,6 +192,9 @@ def test_connect_raw_tcp_echo(proxyd, echo_server):
         c.sock.shutdown(socket.SHUT_WR)  # half-close must travel through the tunnel
         assert c.f.read() == b""
     assert echo_server.accepted == 1
+    # logged as what it was: a 200 tunnel with its bytes each way, not an aborted request
+    line = p.wait_for_log(r"method=CONNECT .*status=200 bytes_in=300000 bytes_out=300000 ")
+    assert line and "error=-" in line, p.stderr_text()[-2000:]
 
 
 def test_connect_port_not_allowed(proxyd, echo_server):
