@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import ssl
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -144,6 +145,8 @@ _SECTIONS: dict[str, type] = {
     "destinations": DestinationsConfig, "access": AccessConfig,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# RFC 9110 §7.6.3: received-by = pseudonym [ ":" port ], pseudonym = token.
+_VIA_RECEIVED_BY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[0-9]+)?")
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
 
 
@@ -273,6 +276,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: workers: must be between 0 (one per CPU) and 256")
     if cfg.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"{src}: log_level: must be one of {', '.join(_LOG_LEVELS)}")
+    if _VIA_RECEIVED_BY.fullmatch(cfg.via) is None:
+        raise ConfigError(f"{src}: via: must be a token (optionally :PORT) for the Via field, "
+                          f"got {cfg.via!r}")
     if cfg.tls.min_version not in ("1.2", "1.3"):
         raise ConfigError(f"{src}: tls.min_version: must be \"1.2\" or \"1.3\"")
     if cfg.tls.ca_file:

@@ -45,6 +45,11 @@ def test_flags_override_file_which_overrides_defaults(tmp_path):
     ("[tls]\nmin_version = \"1.1\"\n", "tls.min_version"),
     ("workers = true\n", "workers"),
     ("timeouts = 5\n", "timeouts"),
+    # RFC 9110 §7.6.3: the Via pseudonym is a token; CR LF would inject fields
+    ("via = \"proxyd\\r\\nX-Injected: yes\"\n", "via"),
+    ("via = \"\"\n", "via"),
+    ("via = \"two words\"\n", "via"),
+    ("via = \"a,b\"\n", "via"),
 ])
 def test_errors_name_the_key_and_the_file(tmp_path, text, key):
     path = tmp_path / "bad.toml"
