@@ -319,6 +319,9 @@ class ClientConnection(asyncio.Protocol):
         if hosts > 1 or (hosts == 0 and req.version >= 11):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1.
             raise errors.ParseError("request needs exactly one Host header field")
+        if lnames.count(b"proxy-authorization") > 1:
+            # RFC 9110 §11.7.2: one set of credentials; two lines are not a list to pick from.
+            raise errors.ParseError("more than one Proxy-Authorization header field")
         if access.users:
             access.authenticate(req.get(b"proxy-authorization"))  # 407 unless valid
         if b"via" in lnames and has_loop(req.headers, self.worker.cfg.via):

@@ -382,6 +382,9 @@ REQUEST_CASES: list[RequestCase] = [
       "RFC 9112 §3.2; RFC 9110 §7.2: Host is uri-host [\":\" port], no userinfo"),
     R("host-bad-port", req(GET, "Host: localhost:http", host=False), S400,
       "RFC 9112 §3.2; RFC 3986 §3.2.3: port = *DIGIT"),
+    R("proxy-authorization-twice", req(GET, "Proxy-Authorization: Basic eA==",
+                                        "Proxy-Authorization: Basic eQ=="), S400,
+      "RFC 9110 §11.7.2: Proxy-Authorization holds one set of credentials"),
     R("host-lookalike-only", req(GET, "X-Host: $AUTH", host=False), S400, "RFC 9112 §3.2"),
 
     # ===================== limits =============================================================
