@@ -8,7 +8,9 @@ hop-by-hop fields (``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Transfer-Enco
 
 from __future__ import annotations
 
+import email.utils
 import re
+import time
 
 from .http1 import (Framing, Headers, RequestHead, ResponseHead, field_values, lower_names,
                     plain_ows, serialize_head)
@@ -86,7 +88,7 @@ def final_recipient_response(req: RequestHead, keep_alive: bool) -> bytes:
     final recipient (RFC 9110 §7.6.2). TRACE reflects the request as ``message/http``
     without the fields that may hold credentials (§9.3.8); OPTIONS gets an empty 200."""
     body = b""
-    headers: Headers = []
+    headers: Headers = [(b"Date", http_date())]
     if req.method == b"TRACE":
         fields = [(n, v) for n, v in req.headers if n.lower() not in _SENSITIVE_FIELDS]
         body = serialize_head(b"%s %s HTTP/1.%d" % (req.method, req.target, req.version % 10),
@@ -98,6 +100,18 @@ def final_recipient_response(req: RequestHead, keep_alive: bool) -> bytes:
         (b"Connection", b"keep-alive" if keep_alive else b"close"),
     ]
     return serialize_head(b"HTTP/1.1 200 OK", headers) + body
+
+
+_date = [0, b""]  # [second, its IMF-fixdate]
+
+
+def http_date() -> bytes:
+    """Now as an IMF-fixdate (RFC 9110 §5.6.7), formatted once a second."""
+    now = int(time.time())
+    if now != _date[0]:
+        _date[1] = email.utils.formatdate(now, usegmt=True).encode()
+        _date[0] = now
+    return _date[1]  # type: ignore[return-value]
 
 
 def via_entry(version: int, pseudonym: str) -> bytes:
@@ -179,11 +193,16 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
             block = cut[2:] if len(cut) < len(block) + 2 else _CONNECTION_LINES.sub(b"", block)
         elif resp.connection_tokens or resp.keep_alive_field is not None:
             block = _CONNECTION_LINES.sub(b"", block)
+        if not resp.plain_dated:
+            block += b"Date: " + http_date() + b"\r\n"
         return _response_head_bytes(resp, block, keep_alive, client_version, via)
     fast = _fast_response_head(resp, out_framing, keep_alive, client_version, via)
     if fast is not None:
         return fast
     headers = _filtered(resp)
+    if b"date" not in lower_names(resp):
+        # RFC 9110 §6.6.1: a recipient with a clock MUST add the Date a response lacks.
+        headers.append((b"Date", http_date()))
     if resp.status == 204:
         pass  # RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204
     elif out_framing is Framing.LENGTH or (out_framing is Framing.NONE and
@@ -220,6 +239,8 @@ def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bo
     block = resp.raw_block
     if b"connection" in lnames or b"keep-alive" in lnames:
         block = _CONNECTION_LINES.sub(b"", block)
+    if b"date" not in lnames:
+        block += b"Date: " + http_date() + b"\r\n"
     return _response_head_bytes(resp, block, keep_alive, client_version, via)
 
 
@@ -255,6 +276,7 @@ def error_response(status: int, reason_phrase: str, error_type: str, message: st
         safe = printable.replace("\\", "\\\\").replace('"', '\\"')
         proxy_status += f'; details="{safe}"'
     headers: Headers = [
+        (b"Date", http_date()),  # RFC 9110 §6.6.1: proxyd is this response's origin
         (b"Content-Type", b"text/plain; charset=utf-8"),
         (b"Content-Length", b"%d" % len(body)),
         (b"Proxy-Status", proxy_status.encode("ascii", "replace")),

@@ -233,7 +233,7 @@ class RequestHead(_Head):
 class ResponseHead(_Head):
     """A parsed status line and header section."""
 
-    __slots__ = ("status", "reason", "keep_alive_field")
+    __slots__ = ("status", "reason", "keep_alive_field", "plain_dated")
 
     def __init__(self, status: int, reason: bytes, version: int, headers: Headers | None = None,
                  framing: Framing = Framing.NONE, content_length: int = 0,
@@ -242,6 +242,7 @@ class ResponseHead(_Head):
         self.status = status
         self.reason = reason
         self.keep_alive_field: bytes | None = None  # with plain: the Keep-Alive value, if any
+        self.plain_dated = True  # with plain: a Date field is there
         self.version = version
         self._headers = headers if headers is not None or raw_block else []
         self._lnames = lnames
@@ -1039,7 +1040,8 @@ class ResponseParser(_Parser):
         length = -1
         tokens = _NO_TOKENS
         keep_alive_field = None
-        for name, value in _RESPONSE_SPECIAL.findall(buf[:end + 2].lower(), m.start(4) - 1):
+        lowered = buf[:end + 2].lower()
+        for name, value in _RESPONSE_SPECIAL.findall(lowered, m.start(4) - 1):
             if name == b"content-length":
                 # bytes.isdigit() is ASCII 0-9 only: the same test as _DIGITS, no regex.
                 if (length != -1 or not value.isdigit() or len(value) > 18
@@ -1064,6 +1066,7 @@ class ResponseParser(_Parser):
                             _keep_alive(version, tokens), tokens, None, block)
         head.plain = True
         head.keep_alive_field = keep_alive_field
+        head.plain_dated = b"\ndate:" in lowered  # a field line starts after a LF
         return head
 
     def _head_event(self) -> Event:

@@ -102,6 +102,8 @@ def assert_proxy_error(resp, body: bytes, status: int, error: str | None):
         resp.header("Content-Type", "")
     assert ctype.startswith("text/plain"), ctype
     assert body.strip(), "error response has an empty body"
+    date = resp.getheader("Date") if hasattr(resp, "getheader") else resp.header("Date")
+    assert date and date.endswith(" GMT"), "RFC 9110 §6.6.1: a generated response has a Date"
 
 
 def has_via_proxyd(values) -> bool:

@@ -21,6 +21,7 @@ from proxyd.headers import (
     filter_trailers,
     final_recipient_response,
     has_loop,
+    http_date,
     max_forwards,
     upstream_request_head,
     via_entry,
@@ -270,6 +271,54 @@ def test_via_entry():
 # client_response_head (RFC 9110 §7.6.1, §7.6.3; RFC 9112 §6, §9.3)
 # ============================================================================================
 
+def now_ish(dates: list[bytes]) -> bool:
+    """One Date, and it says now (give or take the second it may have turned over)."""
+    import email.utils
+    import time
+    return (len(dates) == 1 and abs(email.utils.parsedate_to_datetime(
+        dates[0].decode()).timestamp() - time.time()) <= 2)
+
+
+@pytest.mark.parametrize("lines", [
+    pytest.param((b"Content-Length: 2",), id="length"),
+    pytest.param((b"Content-Length: 2", b"X-A:  b"), id="fast-path"),
+    pytest.param((b"Transfer-Encoding: chunked",), id="re-framed"),
+])
+def test_date_added_when_the_origin_sent_none(lines):
+    """RFC 9110 §6.6.1: a recipient with a clock MUST add a Date to a response it forwards
+    without one; one it has is left alone."""
+    framing = Framing.CHUNKED if b"chunked" in lines[0] else Framing.LENGTH
+    _, parsed = to_client(response(*lines), framing)
+    assert now_ish([v for n, v in parsed.headers if n == b"Date"])
+    dated = response(b"Date: Tue, 01 Dec 2026 00:00:00 GMT", *lines)
+    _, parsed = to_client(dated, framing)
+    assert [v for n, v in parsed.headers if n.lower() == b"date"] == [
+        b"Tue, 01 Dec 2026 00:00:00 GMT"]
+
+
+@pytest.mark.parametrize("date_line, expected", [
+    (b"", None), (b"date: Tue, 01 Dec 2026 00:00:00 GMT\r\n", b"Tue, 01 Dec 2026 00:00:00 GMT"),
+])
+def test_date_on_the_plain_path(date_line, expected):
+    """The same for a whole small response taken by the parser's plain path."""
+    p = ResponseParser()
+    p.expect(b"GET")
+    p.feed(b"HTTP/1.1 200 OK\r\n" + date_line + b"Content-Length: 2\r\n\r\nok")
+    head, body = p.whole_response()
+    assert head.plain and body == b"ok"
+    out = client_response_head(head, Framing.LENGTH, True, 11, VIA)
+    parsed = parse_response(out + b"ok")[0]
+    dates = [v for n, v in parsed.headers if n.lower() == b"date"]
+    assert dates == [expected] if expected else now_ish(dates)
+
+
+def test_http_date_is_an_imf_fixdate():
+    """RFC 9110 §5.6.7: e.g. "Sun, 06 Nov 1994 08:49:37 GMT"."""
+    import re
+    assert re.fullmatch(rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT",
+                        http_date())
+
+
 def test_client_response_removes_hop_by_hop():
     resp = response(
         b"Server: origin",
@@ -289,6 +338,7 @@ def test_client_response_removes_hop_by_hop():
         (b"Server", b"origin"),
         (b"Set-Cookie", b"a=1"),
         (b"Set-Cookie", b"b=2"),
+        (b"Date", parsed.get(b"date")),  # the origin sent none (RFC 9110 §6.6.1)
         (b"Content-Length", b"5"),
         (b"Via", VIA),
     ]
