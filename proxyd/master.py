@@ -86,6 +86,7 @@ class Master:
         self.stop_deadline = 0.0
         self.announced = False
         self.reload_pending: Config | None = None  # new generation starting
+        self.reload_again = False  # a SIGHUP came while one was starting: reload once more
         self.reload_deadline = 0.0
         self.exit_code = 0
         self.respawn_failures = 0
@@ -340,8 +341,14 @@ class Master:
     # -- reload -------------------------------------------------------------------------------
     def reload(self) -> None:
         """SIGHUP: validate the new config, start a new generation, drain the old one."""
-        if self.loader is None or self.reload_pending is not None:
-            log.warning("reload ignored (no config loader or reload in progress)")
+        if self.loader is None:
+            log.warning("reload ignored: no configuration file to read")
+            return
+        if self.reload_pending is not None:
+            # The file may have changed again since this reload read it: the last SIGHUP
+            # must win (as with nginx and HAProxy), so read it once more when this one ends.
+            self.reload_again = True
+            log.info("reload requested while one is starting: it follows when that one ends")
             return
         self.notify.reloading()
         try:
@@ -378,9 +385,16 @@ class Master:
             log.info("reloaded", extra={"fields": {"generation": self.generation,
                                                    "draining": len(old)}})
             self.notify.ready(self.status_line())
+            self._reload_again()
         elif now > self.reload_deadline:
             log.error("new workers not ready in time; reload aborted")
             self._abort_reload()
+
+    def _reload_again(self) -> None:
+        """Run the reload asked for while the last one was starting, if any."""
+        if self.reload_again and not self.stopping:
+            self.reload_again = False
+            self.reload()
 
     def _abort_reload(self) -> None:
         new_gen = [w for w in self.workers.values() if w.generation == self.generation]
@@ -391,6 +405,7 @@ class Master:
         self.reload_pending = None
         self.reloads_failed += 1
         self.notify.ready(self.status_line())
+        self._reload_again()
 
     # -- admin endpoints ----------------------------------------------------------------------
     def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:

@@ -378,6 +378,39 @@ def test_reload_applies_new_config(proxyd, tls_origin, origin_factory):
         assert (status, body) == (200, pattern_bytes(300))
 
 
+def test_sighup_while_a_reload_starts_is_not_lost(proxyd, tls_origin):
+    """A second SIGHUP while the first reload's workers are still warming up: the file may
+    have changed again, so the last one must win (as with nginx and HAProxy) — it runs when
+    the first reload ends, not never."""
+    silent = socket.socket()  # accepts TCP, never speaks TLS: holds the first reload open
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
+                   config={"access_log": False})
+        old_pids = set(p.worker_pids())
+        p.config_path.write_text(
+            f'access_log = false\nvia = "gen-b"\n[timeouts]\ntls_handshake = 2.0\n'
+            f'[[origin]]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\nwarm = 1\n')
+        mark = p.log_mark()
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not set(p.worker_pids()) - old_pids:  # the first reload's worker has started
+            assert time.monotonic() < deadline, "no new worker after SIGHUP"
+            time.sleep(0.02)
+        p.config_path.write_text('access_log = false\nvia = "gen-c"\n')
+        p.proc.send_signal(signal.SIGHUP)
+        assert p.wait_for_log(r"msg=reloaded\b.*\bgeneration=2\b", 20, start=mark), \
+            p.stderr_text()[-3000:]
+    finally:
+        silent.close()
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    conn.request("GET", tls_origin.url("/bytes/10"))
+    r = conn.getresponse()
+    assert (r.status, r.read(), r.getheader("Via")) == (200, pattern_bytes(10), "1.1 gen-c")
+    conn.close()
+
+
 # --------------------------------------------------------------------------------------
 # 2. stopping
 # --------------------------------------------------------------------------------------
