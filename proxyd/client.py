@@ -784,6 +784,24 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     transport.close()
 
+    def busy(self) -> bool:
+        """True while an exchange or a tunnel is in progress (not between requests)."""
+        return self.tunnel is not None or (self.req is not None
+                                           and self.state is not ClientState.HEAD)
+
+    def abort_for_shutdown(self) -> None:
+        """The drain timeout passed: record the exchange in flight as cut by the shutdown
+        (the access log would otherwise never see it: the worker exits first), then drop
+        the connection."""
+        if self.busy() and self.state is not ClientState.CLOSED:
+            if self.tunnel is not None:
+                status = 200 if self.t_conn else 0  # established or still connecting
+            else:
+                status = self.resp.status if self.resp else 0
+            self._log(status, "shutdown_timeout")
+        if self.transport is not None:
+            self.transport.abort()
+
     def _reset(self) -> None:
         """Close with a TCP RST after what is already written: the client of a body cut
         short that has no framing of its own (close-delimited, e.g. to an HTTP/1.0 client)

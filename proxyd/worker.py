@@ -379,9 +379,13 @@ class Worker:
             if not self.clients:
                 break
             await asyncio.sleep(0.05)
+        cut = [client for client in self.clients if client.busy()]
+        if cut:
+            log.warning("shutdown timeout: closing the connections with a request in flight",
+                        extra={"fields": {"connections": len(cut),
+                                          "timeout": self.timeouts.shutdown}})
         for client in list(self.clients):
-            if client.transport is not None:
-                client.transport.abort()
+            client.abort_for_shutdown()
         for pool in self.pools.values():
             pool.close()
         self.exchanges.flush()

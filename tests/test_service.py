@@ -476,6 +476,11 @@ def test_sigterm_shutdown_timeout_forces_exit(proxyd, tls_origin):
     assert not d.complete, "the cut-off download looked complete to the client"
     assert len(d.body) < size
     assert bytes(d.body) == pattern_bytes(len(d.body))
+    # the operator sees it too: a warning, and the cut request in the access log
+    assert p.wait_for_log(r"level=warning .*shutdown timeout: .*connections=1\b"), \
+        p.stderr_text()[-2000:]
+    assert p.wait_for_log(r"kind=access .*status=200 .*error=shutdown_timeout"), \
+        p.stderr_text()[-2000:]
 
 
 @pytest.mark.parametrize("how", ["second-sigterm", "sigquit"])
