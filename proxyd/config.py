@@ -320,6 +320,8 @@ def validate(cfg: Config) -> None:
 
 def _check_ca_file(path: str, src: str) -> None:
     """The CA bundle must exist and hold certificates (else every handshake would fail)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{src}: tls.ca_file: {path!r} is a directory, not a PEM file")
     if not os.path.isfile(path):
         raise ConfigError(f"{src}: tls.ca_file: no such file {path!r}")
     try:

@@ -95,6 +95,14 @@ class ConnectionLimitReached(UpstreamError):
     error_type = "connection_limit_reached"
 
 
+class ProxyResourceError(ProxyError):
+    """This proxy ran out of something of its own (file descriptors, memory) while opening
+    a connection: not the origin's fault (RFC 9209 §2.3.30), so no origin is blamed."""
+
+    status = 503
+    error_type = "proxy_internal_error"
+
+
 class DestinationProhibited(ProxyError):
     status = 403
     error_type = "destination_ip_prohibited"

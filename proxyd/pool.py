@@ -22,7 +22,7 @@ import ssl
 import time
 from typing import Callable, Protocol
 
-from . import errors
+from . import errors, logs
 from .config import OriginConfig
 from .http1 import ParserLimits
 from .metrics import WorkerStats
@@ -30,6 +30,7 @@ from .router import OriginKey
 from .upstream import Connector, ConnState, UpstreamConnection
 
 log = logging.getLogger("proxyd.pool")
+_local_limits = logs.RateLimited(log)
 
 _MAX_BACKOFF = 30.0
 _SESSION_SCAN_EVERY = 1.0  # seconds between looks for a TLS ticket in live connections
@@ -279,6 +280,20 @@ class Pool:
                 self.on_idle()
 
     def _open_failed(self, exc: errors.ProxyError) -> None:
+        if isinstance(exc, errors.ProxyResourceError):
+            # A limit of this proxy (e.g. RLIMIT_NOFILE) says nothing about the origin.
+            _local_limits.warning("%s", exc.reason, fields={"origin": str(self.key)})
+        else:
+            self._origin_failed(exc)
+        # The failure is the answer for the oldest waiter not covered by another
+        # connection still being opened — unless connections are busy: one of them
+        # may come back before pool_wait (an origin slow to take new handshakes under load
+        # still serves the ones it has; failing at once gave 504s after 11 ms of waiting).
+        if self.waiters and len(self.waiters) > self.connecting and not self.busy:
+            _, waiter = self.waiters.popleft()
+            waiter.on_pool_error(exc)
+
+    def _origin_failed(self, exc: errors.ProxyError) -> None:
         self.failures += 1
         self.last_error = exc.reason
         if isinstance(exc, (errors.TlsCertificateError, errors.TlsProtocolError)) or (
@@ -290,13 +305,6 @@ class Pool:
         if self.failures == 1:  # log once per outage, not once per attempt
             log.warning("cannot open connection to %s: %s (retrying in the background)",
                         self.key, exc.reason)
-        # The failure speaks for the origin now: fail the oldest waiter not covered by
-        # another connection still being opened — unless connections are busy: one of them
-        # may come back before pool_wait (an origin slow to take new handshakes under load
-        # still serves the ones it has; failing at once gave 504s after 11 ms of waiting).
-        if self.waiters and len(self.waiters) > self.connecting and not self.busy:
-            _, waiter = self.waiters.popleft()
-            waiter.on_pool_error(exc)
 
     # -- housekeeping -------------------------------------------------------------------------
     def sweep(self, now: float) -> None:

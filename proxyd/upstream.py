@@ -10,6 +10,7 @@ whose handshake :class:`Connector` drives itself, not on asyncio's SSL transport
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import socket
 import ssl
@@ -305,6 +306,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort() if reason == "error" else self.transport.close()
 
 
+# Errors of this host's own limits (descriptors, buffers, memory), not of the origin.
+_LOCAL_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 def map_connect_error(exc: BaseException, host: str, port: int, stage: str) -> errors.ProxyError:
     """Turn a socket/TLS exception into an error with the right RFC 9209 type."""
     where = f"{host}:{port}"
@@ -326,6 +331,10 @@ def map_connect_error(exc: BaseException, host: str, port: int, stage: str) -> e
         return errors.ConnectionRefused(f"connection to {where} refused")
     if isinstance(exc, ConnectionError) and stage == "TLS handshake":
         return errors.TlsProtocolError(f"{where} closed the connection during the TLS handshake")
+    if isinstance(exc, OSError) and exc.errno in _LOCAL_LIMITS:
+        return errors.ProxyResourceError(
+            f"cannot open a connection to {where}: {exc.strerror} (a limit of this proxy, "
+            f"not the origin's fault)")
     if isinstance(exc, OSError):
         return errors.UpstreamError(f"cannot connect to {where}: {exc.strerror or exc}",
                                     error_type="destination_unavailable")

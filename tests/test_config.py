@@ -62,3 +62,10 @@ def test_errors_name_the_key_and_the_file(tmp_path, text, key):
 def test_non_loopback_listen_is_refused_with_a_reason():
     with pytest.raises(config.ConfigError, match="open proxy"):
         config.apply_flags(config.Config(), listen="0.0.0.0:3128")
+
+
+def test_ca_file_that_is_a_directory_says_so(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(f'[tls]\nca_file = "{tmp_path}"\n')
+    with pytest.raises(config.ConfigError, match="tls.ca_file: .* is a directory"):
+        config.load(str(path))

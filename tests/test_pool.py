@@ -217,6 +217,37 @@ async def test_failed_open_leaves_a_waiter_to_a_busy_connection(tls_origin, ca_p
         assert isinstance(late.error, errors.ConnectionTimeout)
 
 
+def test_running_out_of_descriptors_is_not_blamed_on_the_origin():
+    """EMFILE while opening an upstream socket is this proxy's limit: a 503 with
+    proxy_internal_error (RFC 9209 §2.3.30), not destination_unavailable."""
+    import errno as errno_
+
+    from proxyd.upstream import map_connect_error
+    exc = map_connect_error(OSError(errno_.EMFILE, "Too many open files"), "h", 443, "connect")
+    assert isinstance(exc, errors.ProxyResourceError) and not isinstance(exc, errors.UpstreamError)
+    assert (exc.status, exc.error_type) == (503, "proxy_internal_error")
+    assert "Too many open files" in exc.reason and "h:443" in exc.reason
+
+
+@run_async
+async def test_a_local_limit_does_not_count_as_an_origin_failure(tls_origin, ca_pem):
+    """No backoff, no 'origin unreachable' for a failure that was proxyd's own; the waiter
+    still gets the error at once."""
+    cfg = make_cfg(ca_pem, tls_origin, warm=0)
+    async with running_worker(cfg) as (worker, _):
+        pool = pool_of(worker, tls_origin)
+
+        async def emfile(_pool: Pool) -> None:
+            raise errors.ProxyResourceError("cannot open a connection: Too many open files")
+
+        pool.connector.open = emfile  # type: ignore[method-assign]
+        waiter = FakeWaiter()
+        pool.acquire(waiter)
+        await asyncio.wait_for(waiter.event.wait(), TIMEOUT)
+        assert isinstance(waiter.error, errors.ProxyResourceError)
+        assert (pool.failures, pool.retry_at, pool.last_error) == (0, 0.0, "")
+
+
 @run_async
 async def test_idle_ttl_closes_and_floor_refills(tls_origin, ca_pem):
     cfg = make_cfg(ca_pem, tls_origin, warm=1, idle_ttl=0.3)
