@@ -31,6 +31,10 @@ log = logging.getLogger("proxyd.exchanges")
 # taken after the response that completed the batch was written.
 BATCH = 32
 
+# Reasons an exchange ended that the access log gives but that were never answered with a
+# Proxy-Status (RFC 9209) error: not counted in proxyd_upstream_errors_total.
+_NOT_ANSWERED = frozenset({"client_aborted", "shutdown_timeout"})
+
 # One finished exchange, as the client connection knew it (see ClientConnection._log):
 # (ended, started, t_conn, t_head, peer, method, path, pool, status, bytes_in, bytes_out,
 #  reused, retried, error) — monotonic times, 0.0 for what did not happen; method and path
@@ -121,7 +125,7 @@ def _count_run(ostats: OriginStats, batch: list[Record], start: int, end: int) -
             wait(t_conn - started)
             if t_head:
                 ttfb(t_head - t_conn)
-        if error:
+        if error and error not in _NOT_ANSWERED:
             ostats.errors[error] += 1
         if retried:
             ostats.retries += 1

@@ -102,6 +102,24 @@ def test_counted_exactly_as_the_request_ended(stderr: _Stderr) -> None:
     assert refused.endswith("error=connection_refused")
 
 
+def test_ends_never_answered_with_an_error_are_logged_not_counted_as_errors(
+        stderr: _Stderr) -> None:
+    """A client that went away, or a transfer cut by the shutdown timeout, got no
+    Proxy-Status error: the access log says why it ended, proxyd_upstream_errors_total
+    (errors answered to clients, by RFC 9209 type) does not count it."""
+    worker = _worker()
+    now = time.monotonic()
+    log = worker.exchanges
+    log.add(_record(worker, now, error="client_aborted"))
+    log.add(_record(worker, now, error="shutdown_timeout"))
+    log.flush()
+    stats = worker.stats.origins["localhost:9443"]
+    assert dict(stats.errors) == {} and dict(stats.requests) == {("GET", 200): 2}
+    worker.access_log.flush()
+    assert [line.rsplit(" ", 1)[1] for line in stderr.lines()] == [
+        "error=client_aborted", "error=shutdown_timeout"]
+
+
 def test_log_time_is_when_the_request_ended_not_when_the_batch_ran(stderr: _Stderr) -> None:
     worker = _worker()
     ended = time.monotonic() - 3600.0  # an hour ago, on the monotonic clock
