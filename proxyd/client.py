@@ -41,6 +41,7 @@ _RETAIN_LIMIT = 65536  # request bytes kept for a retry; larger bodies are not r
 # Reasons for which reading from the client is paused (a bit set).
 _PAUSE_UPSTREAM_FULL = 1
 _PAUSE_BUFFER_FULL = 2
+_PAUSE_CLIENT_SLOW = 4  # answers are not being read: no next request until they are
 
 
 class ClientState(Constant):
@@ -138,7 +139,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.worker.stats.bytes_from_clients += len(data)
         state = self.state
-        if state is ClientState.HEAD and not self._in_loop and type(data) is bytes:
+        if (state is ClientState.HEAD and not self._in_loop and type(data) is bytes
+                and not self.writing_paused):
             req = self.parser.take_plain(data)
             if req is not None:
                 # The common case in one step; pipelined bytes after it stay buffered and
@@ -213,6 +215,10 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.resume_reading()
         elif self.tunnel is not None:
             self.tunnel.resume_upstream()
+        if self.paused & _PAUSE_CLIENT_SLOW:
+            self._resume(_PAUSE_CLIENT_SLOW)
+            if self.state is ClientState.HEAD:
+                self._process()  # the pipelined requests held back
 
     def _pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
@@ -233,6 +239,12 @@ class ClientConnection(asyncio.Protocol):
         self._in_loop = True
         try:
             while self.state is ClientState.HEAD:
+                if self.writing_paused:
+                    # Answers proxyd makes itself (errors, Max-Forwards 0) have no origin to
+                    # slow down: a client that does not read them must not make the next
+                    # pipelined request be read and answered into an ever larger buffer.
+                    self._pause(_PAUSE_CLIENT_SLOW)
+                    return
                 try:
                     event = self.parser.next_event()
                 except ParseError as exc:

@@ -208,3 +208,32 @@ def test_ten_thousand_idle_clients_on_one_worker(proxyd, tls_origin):
         for s in held:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_client_that_never_reads_cannot_grow_answers_proxyd_makes_itself(proxyd):
+    """Pipelined requests that proxyd answers itself (here TRACE with Max-Forwards 0, whose
+    answer is as large as the request) from a client that reads nothing: once the answers
+    back up, proxyd stops reading the client, so its memory stays flat and the client's
+    sends block — the answers of requests sent to an origin are bounded by pausing the
+    origin, these have no origin to pause."""
+    p = proxyd(workers=1)
+    pad = "".join(f"X-Pad-{i}: {'p' * 80}\r\n" for i in range(90))
+    request = (f"TRACE http://example.test/ HTTP/1.1\r\nHost: example.test\r\n"
+               f"Max-Forwards: 0\r\n{pad}\r\n").encode()
+    before = p.rss_kib(include_master=False)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.setblocking(False)
+        stalled_since = time.monotonic()
+        while sent < 256 << 20 and time.monotonic() - stalled_since < 1.0:
+            _, writable, _ = select.select([], [s], [], 0.2)
+            if writable:
+                try:
+                    sent += s.send(request * 16)
+                    stalled_since = time.monotonic()
+                except BlockingIOError:
+                    pass
+        grown = p.rss_kib(include_master=False) - before
+    assert sent < 64 << 20, f"proxyd read {sent >> 20} MiB from a client that reads nothing"
+    assert grown < 32 << 10, f"worker RSS grew by {grown >> 10} MiB"
