@@ -14,6 +14,7 @@ import ipaddress
 from .errors import DestinationProhibited
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_THIS_HOST = ipaddress.ip_network("0.0.0.0/8")  # RFC 1122 §3.2.1.3: "this host"
 
 
 def address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -53,6 +54,11 @@ class DestinationPolicy:
     def check(self, host: str, ip: str, port: int) -> None:
         """Raise :class:`DestinationProhibited` unless ``ip:port`` may be reached."""
         addr = address(ip)  # ::ffff:169.254.169.254 is 169.254.169.254
+        if addr.is_unspecified or addr in _THIS_HOST:
+            # Linux connects 0.0.0.0 (and ::) to the local host, past every rule written
+            # for 127.0.0.0/8 or for proxyd's own listener: never a destination.
+            raise DestinationProhibited(
+                f"destination {host} ({addr}) is an unspecified address (this host)")
         if (str(addr), port) in self.own:
             raise DestinationProhibited(
                 f"{host}:{port} is this proxy's own listener (request loop)", status=508,

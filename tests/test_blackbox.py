@@ -1009,6 +1009,21 @@ def test_denied_network_checked_on_the_resolved_address(proxyd, tls_origin):
     assert not tls_origin.connections
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "0", "[::]", "0.1.2.3"])
+def test_unspecified_address_is_never_a_destination(proxyd, tls_origin, echo_server, host):
+    """Linux connects 0.0.0.0 and :: to the local host, past rules written for 127.0.0.0/8
+    and past the own-listener loop check: 403, for requests and tunnels alike."""
+    p = proxyd(config={"destinations": {"deny_networks": ["127.0.0.0/8", "::1/128"]},
+                       "connect_ports": [echo_server.port]})
+    r, body = get(p.port, f"http://{host}:{tls_origin.port}/bytes/1")
+    assert_proxy_error(r, body, 403, "destination_ip_prohibited")
+    with Raw(p.port) as c:
+        c.send(f"CONNECT {host}:{echo_server.port} HTTP/1.1\r\n"
+               f"Host: {host}:{echo_server.port}\r\n\r\n")
+        assert c.response().status == 403
+    assert not tls_origin.connections and echo_server.accepted == 0
+
+
 def test_request_to_own_listener_is_a_loop(proxyd):
     p = proxyd(config={"origin": [{"host": "127.0.0.1", "port": 9, "tls": False}]})
     r, body = get(p.port, f"http://127.0.0.1:{p.port}/x")
