@@ -12,16 +12,21 @@ import binascii
 import hashlib
 import hmac
 import os
+import time
 
 from .errors import ProxyError
 from .policy import address, parse_networks
 
 _SCHEME = "pbkdf2_sha256"
 # Verification runs on the event loop, so its cost is bounded: ~6 ms here at 20,000
-# iterations, and a verified (or refused) header is remembered, so each distinct
-# credential is hashed once.
+# iterations, a verified (or refused) header is remembered, so each distinct credential is
+# hashed once, and failed ones are hashed at most _FAILURES_PER_SECOND times a second.
 _ITERATIONS = 20_000
 _CACHE_SIZE = 1024
+# Credentials that fail are hashed at most this many times a second per worker (~0.1 s of
+# CPU): beyond it a new credential is refused unverified, so a flood of random passwords
+# cannot stall the event loop that serves everyone (verified ones stay cached and pass).
+_FAILURES_PER_SECOND = 20
 
 
 class AuthError(ValueError):
@@ -70,6 +75,8 @@ class Access:
         self.users = users
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode()
         self._verified: dict[bytes, str | None] = {}  # sha256(header) -> user or None
+        self._failure_window = 0.0  # start of the current second of failure counting
+        self._failures = 0
         # Client address -> verdict: parsing an address with ipaddress costs more than the
         # rest of accepting a connection, and clients come back (bounded; cleared when full).
         self._client_verdicts: dict[str, bool] = {}
@@ -95,10 +102,18 @@ class Access:
         if key in self._verified:
             user = self._verified[key]
         else:
+            now = time.monotonic()
+            if now - self._failure_window >= 1.0:
+                self._failure_window = now
+                self._failures = 0
+            if self._failures >= _FAILURES_PER_SECOND:
+                raise _challenge("too many failed proxy authentications: try again shortly")
             try:
                 user = self._check(header)
             except ProxyError:
                 user = None
+            if user is None:
+                self._failures += 1
             if len(self._verified) >= _CACHE_SIZE:
                 self._verified.clear()
             self._verified[key] = user

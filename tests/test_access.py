@@ -116,3 +116,34 @@ def test_host_patterns_allow_and_deny(proxyd, tls_origin, echo_server):
         r = c.response()
         assert r.status == 403 and "error=http_request_denied" in proxy_status(r)
     assert echo_server.accepted == 0
+
+
+def test_a_flood_of_wrong_passwords_is_not_hashed_beyond_a_budget(tmp_path, monkeypatch):
+    """Each distinct wrong credential costs a PBKDF2 on the event loop: past 20 failures a
+    second, new ones are refused unverified (407) so the worker keeps serving; a credential
+    verified before stays cached and passes; the next second hashing resumes."""
+    import proxyd.access as access_mod
+
+    path = tmp_path / "users"
+    path.write_text(f"bob:{hash_password('pw', iterations=1000)}\n")
+    access = Access(("127.0.0.0/8",), load_users(str(path)), "r")
+    clock = [100.0]
+    monkeypatch.setattr(access_mod.time, "monotonic", lambda: clock[0])
+    good = _basic("bob", "pw").encode()
+    assert access.authenticate(good) == "bob"
+    hashed = []
+    real_check = access._check
+    monkeypatch.setattr(access, "_check", lambda h: hashed.append(h) or real_check(h))
+    reasons = []
+    for i in range(30):
+        with pytest.raises(Exception) as exc:
+            access.authenticate(_basic("bob", f"wrong{i}").encode())
+        assert getattr(exc.value, "status", None) == 407
+        reasons.append(exc.value.reason)
+    assert len(hashed) == 20 and reasons[20:] == ["too many failed proxy authentications: "
+                                                  "try again shortly"] * 10
+    assert access.authenticate(good) == "bob"  # cached: unaffected
+    clock[0] += 1.0
+    with pytest.raises(Exception):
+        access.authenticate(_basic("bob", "wrong-again").encode())
+    assert len(hashed) == 21
