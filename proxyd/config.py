@@ -89,6 +89,7 @@ class PoolConfig:
     max_requests: int = 1000
     learned_warm: int = 1            # warm floor for origins first seen at run time
     learned_ttl: float = 300.0       # keep a learned origin warm this long after last use
+    learned_max: int = 100           # learned origins kept per worker (least recently used go)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +307,8 @@ def validate(cfg: Config) -> None:
     _validate_positive(cfg.timeouts, "timeouts", src)
     _validate_positive(cfg.limits, "limits", src)
     _validate_pool(cfg.pool, "pool", src)
+    if cfg.pool.learned_max < 1:
+        raise ConfigError(f"{src}: pool.learned_max: must be at least 1")
     seen = set()
     for i, o in enumerate(cfg.origin):
         _validate_pool(o, f"origin[{i}]", src)

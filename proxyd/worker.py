@@ -106,9 +106,26 @@ class Worker:
         """The pool of the route's origin, created on first use (a learned origin)."""
         pool = self.pools.get(route.origin)
         if pool is None:
+            learned = route.settings is None
+            if learned:
+                self._make_room_for_learned()
             settings = route.settings or self._learned_settings(route.origin)
-            pool = self._make_pool(route.origin, settings, learned=route.settings is None)
+            pool = self._make_pool(route.origin, settings, learned=learned)
         return pool
+
+    def _make_room_for_learned(self) -> None:
+        """At most ``pool.learned_max`` learned origins: one client naming ever new origins
+        must not make this worker hold a warm connection (a descriptor) to each. The least
+        recently used one with nothing in flight goes; with all in use, none does (those
+        are bounded by the client connections that use them)."""
+        learned = [p for p in self.pools.values() if p.learned]
+        if len(learned) < self.cfg.pool.learned_max:
+            return
+        spare = [p for p in learned if not p.busy and not p.waiters and not p.connecting]
+        if spare:
+            victim = min(spare, key=lambda p: p.last_used)
+            victim.close()
+            del self.pools[victim.key]
 
     def _learned_settings(self, key: OriginKey) -> OriginConfig:
         p = self.cfg.pool

@@ -249,6 +249,30 @@ async def test_a_local_limit_does_not_count_as_an_origin_failure(tls_origin, ca_
 
 
 @run_async
+async def test_learned_origins_are_capped_least_recently_used_first(ca_pem):
+    """A client naming ever new origins must not make a worker keep a pool (and a warm
+    connection, a descriptor) for each: past pool.learned_max the least recently used one
+    with nothing in flight is closed."""
+    from proxyd.router import Route
+
+    cfg = config.from_mapping({"tls": {"ca_file": str(ca_pem)},
+                               "pool": {"learned_max": 3, "learned_warm": 0}}, "test.toml")
+    async with running_worker(cfg) as (worker, _):
+        def route(port: int) -> Route:
+            return Route(OriginKey("127.0.0.1", port, True), b"/", b"127.0.0.1:%d" % port, None)
+
+        pools = [worker.pool_for(route(1000 + i)) for i in range(3)]
+        pools[0].last_used = pools[2].last_used + 1.0  # the first is the most recent now
+        worker.pool_for(route(2000))
+        assert sorted(k.port for k in worker.pools) == [1000, 1002, 2000]
+        assert pools[1].closed, "the least recently used learned pool is closed"
+        pools[2].busy.add(object())  # type: ignore[arg-type]  # one in flight: not a victim
+        worker.pool_for(route(3000))
+        assert 1002 in {k.port for k in worker.pools} and len(worker.pools) == 3
+        pools[2].busy.clear()
+
+
+@run_async
 async def test_idle_ttl_closes_and_floor_refills(tls_origin, ca_pem):
     cfg = make_cfg(ca_pem, tls_origin, warm=1, idle_ttl=0.3)
     async with running_worker(cfg) as (worker, _):
