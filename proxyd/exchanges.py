@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog
-from .metrics import METHOD_LABELS, NO_ORIGIN, OriginStats, WorkerStats
+from .metrics import BUCKETS, METHOD_LABELS, NO_ORIGIN, OriginStats, WorkerStats
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxyd.exchanges")
 
 # Records per batch: large enough that the code stays warm across a batch, small enough that
-# a batch (about 1.3 µs a record) never holds the loop for long: 32 records are ~40 µs,
+# a batch (about 1 µs a record) never holds the loop for long: 32 records are ~30 µs,
 # taken after the response that completed the batch was written.
 BATCH = 32
 
@@ -107,10 +108,15 @@ class ExchangeLog:
 
 
 def _count_run(ostats: OriginStats, batch: list[Record], start: int, end: int) -> None:
-    """Count ``batch[start:end]``, exchanges of one origin, into ``ostats``."""
+    """Count ``batch[start:end]``, exchanges of one origin, into ``ostats``.
+
+    The histograms' observe is written out here (a bisect and an increment per value; the
+    sums added once per run): three method calls a record were a third of this loop."""
     requests = ostats.requests
     labels = METHOD_LABELS
-    duration, wait, ttfb = ostats.duration.observe, ostats.wait.observe, ostats.ttfb.observe
+    duration, wait, ttfb = ostats.duration, ostats.wait, ostats.ttfb
+    d_counts, w_counts, t_counts = duration.counts, wait.counts, ttfb.counts
+    d_sum = w_sum = t_sum = 0.0
     bytes_in_total = bytes_out_total = 0
     for i in range(start, end):
         (ended, started, t_conn, t_head, _, method, _, _, status, bytes_in, bytes_out, _, retried,
@@ -119,15 +125,24 @@ def _count_run(ostats: OriginStats, batch: list[Record], start: int, end: int) -
         requests[(labels.get(method, "OTHER"), status)] += 1
         bytes_in_total += bytes_in
         bytes_out_total += bytes_out
-        duration(ended - started)
+        value = ended - started
+        d_counts[bisect_left(BUCKETS, value)] += 1
+        d_sum += value
         # Histograms leave out what did not happen (no connection, no response head).
         if t_conn:
-            wait(t_conn - started)
+            value = t_conn - started
+            w_counts[bisect_left(BUCKETS, value)] += 1
+            w_sum += value
             if t_head:
-                ttfb(t_head - t_conn)
+                value = t_head - t_conn
+                t_counts[bisect_left(BUCKETS, value)] += 1
+                t_sum += value
         if error and error not in _NOT_ANSWERED:
             ostats.errors[error] += 1
         if retried:
             ostats.retries += 1
+    duration.total += d_sum
+    wait.total += w_sum
+    ttfb.total += t_sum
     ostats.request_bytes += bytes_in_total
     ostats.response_bytes += bytes_out_total
