@@ -200,7 +200,7 @@ class ClientConnection(asyncio.Protocol):
             # the bytes each way (as Squid logs CONNECT).
             self._log(200, "")
         elif self.req is not None and state is not ClientState.HEAD:
-            self._log(self.resp.status if self.resp else 0, "client_aborted")
+            self._log(self._status_so_far(), "client_aborted")
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -359,7 +359,7 @@ class ClientConnection(asyncio.Protocol):
         self._end_early()
         self._log(200, "")
         self._send(final_recipient_response(req, self.keep_alive))
-        self._finish_early()
+        self._finish_or_close()
         return True
 
     def _fail_early(self, exc: errors.ProxyError) -> None:
@@ -367,7 +367,7 @@ class ClientConnection(asyncio.Protocol):
         self._end_early()
         self.worker.stats.errors += 1
         self._send_error(exc)
-        self._finish_early()
+        self._finish_or_close()
 
     def _end_early(self) -> None:
         """The request is answered before anything of it went upstream: take the end of a
@@ -378,7 +378,8 @@ class ClientConnection(asyncio.Protocol):
         elif req is not None:
             self.parser.next_event()  # the EndOfMessage of a body-less request
 
-    def _finish_early(self) -> None:
+    def _finish_or_close(self) -> None:
+        """After an answer proxyd wrote itself: read the next request, or close."""
         if self.keep_alive:
             self._finish()
         else:
@@ -706,10 +707,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.body_read:
             self.keep_alive = False  # the rest of the body is unread: the stream is lost
         self._send_error(exc)
-        if self.keep_alive:
-            self._finish()
-        else:
-            self._close()
+        self._finish_or_close()
 
     def _send_error(self, exc: errors.ProxyError) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -801,16 +799,19 @@ class ClientConnection(asyncio.Protocol):
         return self.tunnel is not None or (self.req is not None
                                            and self.state is not ClientState.HEAD)
 
+    def _status_so_far(self) -> int:
+        """The status the client has had: a tunnel's 200 once established, a response's
+        status once its head went out, else 0 (none)."""
+        if self.tunnel is not None:
+            return 200 if self.t_conn else 0
+        return self.resp.status if self.resp else 0
+
     def abort_for_shutdown(self) -> None:
         """The drain timeout passed: record the exchange in flight as cut by the shutdown
         (the access log would otherwise never see it: the worker exits first), then drop
         the connection."""
         if self.busy() and self.state is not ClientState.CLOSED:
-            if self.tunnel is not None:
-                status = 200 if self.t_conn else 0  # established or still connecting
-            else:
-                status = self.resp.status if self.resp else 0
-            self._log(status, "shutdown_timeout")
+            self._log(self._status_so_far(), "shutdown_timeout")
         if self.transport is not None:
             self.transport.abort()
 

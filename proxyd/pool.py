@@ -332,9 +332,14 @@ class Pool:
                 "waiting": len(self.waiters)}
 
     @property
+    def quiet(self) -> bool:
+        """True when nothing is in flight: no busy connection, no waiter, none opening."""
+        return not self.busy and not self.waiters and not self.connecting
+
+    @property
     def unused(self) -> bool:
         """True for a learned pool that is idle and past its TTL (can be dropped)."""
-        return (self.learned and not self.busy and not self.waiters and not self.connecting
+        return (self.learned and self.quiet
                 and time.monotonic() - self.last_used > self.learned_ttl)
 
     def close(self) -> None:

@@ -121,7 +121,7 @@ class Worker:
         learned = [p for p in self.pools.values() if p.learned]
         if len(learned) < self.cfg.pool.learned_max:
             return
-        spare = [p for p in learned if not p.busy and not p.waiters and not p.connecting]
+        spare = [p for p in learned if p.quiet]
         if spare:
             victim = min(spare, key=lambda p: p.last_used)
             victim.close()
