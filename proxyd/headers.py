@@ -55,7 +55,7 @@ def filter_trailers(trailers: Headers, named: frozenset[bytes] = frozenset()) ->
     the message's Connection tokens (RFC 9110 §7.6.1: a proxy removes the header or
     trailer fields a connection option names)."""
     return [(n, v) for n, v in trailers
-            if n.lower() not in FORBIDDEN_TRAILERS and n.lower() not in named]
+            if (lname := n.lower()) not in FORBIDDEN_TRAILERS and lname not in named]
 
 
 # RFC 9110 §7.6.2: the methods whose requests carry a hop limit a proxy must keep.
@@ -193,9 +193,8 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
             block = cut[2:] if len(cut) < len(block) + 2 else _CONNECTION_LINES.sub(b"", block)
         elif resp.connection_tokens or resp.keep_alive_field is not None:
             block = _CONNECTION_LINES.sub(b"", block)
-        if not resp.plain_dated:
-            block += b"Date: " + http_date() + b"\r\n"
-        return _response_head_bytes(resp, block, keep_alive, client_version, via)
+        return _response_head_bytes(resp, block, resp.plain_dated, keep_alive, client_version,
+                                    via)
     fast = _fast_response_head(resp, out_framing, keep_alive, client_version, via)
     if fast is not None:
         return fast
@@ -239,14 +238,15 @@ def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bo
     block = resp.raw_block
     if b"connection" in lnames or b"keep-alive" in lnames:
         block = _CONNECTION_LINES.sub(b"", block)
-    if b"date" not in lnames:
-        block += b"Date: " + http_date() + b"\r\n"
-    return _response_head_bytes(resp, block, keep_alive, client_version, via)
+    return _response_head_bytes(resp, block, b"date" in lnames, keep_alive, client_version, via)
 
 
-def _response_head_bytes(resp: ResponseHead, block: bytes, keep_alive: bool,
+def _response_head_bytes(resp: ResponseHead, block: bytes, dated: bool, keep_alive: bool,
                          client_version: int, via: bytes) -> bytes:
-    """Status line, forwarded field section, Via and our Connection, in one formatting."""
+    """Status line, forwarded field section (plus the Date it lacks, RFC 9110 §6.6.1), Via
+    and our Connection, in one formatting."""
+    if not dated:
+        block += b"Date: " + http_date() + b"\r\n"
     if not keep_alive:
         tail = b"Connection: close\r\n\r\n"
     elif client_version < 11:
