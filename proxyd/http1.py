@@ -86,6 +86,10 @@ _RESPONSE_SPECIAL = re.compile(
 _MAX_CHUNK_SIZE = 1 << 62
 # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request-line.
 _MAX_LEADING_CRLF = 8
+# The empty line that ends a head whose lines may end with LF alone (responses only), and
+# those line ends.
+_LF_HEAD_END = re.compile(rb"\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
 
 Headers = list[tuple[bytes, bytes]]
 """Field lines in order, names as received. Repeated fields stay repeated."""
@@ -293,6 +297,10 @@ class IncompleteMessage(ParseError):
     """The peer closed the connection in the middle of a message."""
 
 
+class BareLineFeed(ParseError):
+    """A message head holds a line ended by LF alone (RFC 9112 §2.2)."""
+
+
 def _get(head: RequestHead | ResponseHead, lname: bytes) -> bytes | None:
     if len(head.lnames) != len(head.headers):
         return get_field(head.headers, lname)
@@ -345,6 +353,10 @@ class _Parser:
 
     __slots__ = ("limits", "_buf", "_eof", "_state", "_remaining", "_scan_from", "_trailers",
                  "_trailer_bytes", "bytes_in")
+
+    # RFC 9112 §2.2: a recipient MAY take a lone LF as a line terminator. Only responses do
+    # (see ResponseParser); a request must be framed the way every server behind reads it.
+    LONE_LF_ENDS_LINES: ClassVar[bool] = False
 
     def __init__(self, limits: ParserLimits | None = None) -> None:
         self.limits = limits or ParserLimits()
@@ -473,7 +485,7 @@ class _Parser:
         limit = self.limits.head_size
         stop = min(end + 4 if end != -1 else len(buf), limit)
         if buf.count(b"\n", scan, stop) != buf.count(b"\r\n", scan, stop):
-            raise ParseError("bare LF in message head")
+            raise BareLineFeed("bare LF in message head")
         if end == -1:
             self._scan_from = len(buf)
             self._check_partial_head()
@@ -561,9 +573,12 @@ class _Parser:
             if self._eof:
                 raise IncompleteMessage(f"connection closed inside the {what}")
             return None
-        if lf == 0 or buf[lf - 1] != 13:
+        if lf and buf[lf - 1] == 13:
+            line = bytes(buf[:lf - 1])
+        elif self.LONE_LF_ENDS_LINES:
+            line = bytes(buf[:lf])  # a CR left inside fails the line's own check
+        else:
             raise ParseError(f"bare LF in {what}")
-        line = bytes(buf[:lf - 1])
         self._drop(lf + 1)
         return line
 
@@ -591,9 +606,12 @@ class _Parser:
                     if self._eof:
                         raise IncompleteMessage("connection closed after chunk data")
                     return NEED_DATA
-                if self._buf[:2] != b"\r\n":
+                if self._buf[:2] == b"\r\n":
+                    self._drop(2)
+                elif self.LONE_LF_ENDS_LINES and self._buf[:1] == b"\n":
+                    self._drop(1)
+                else:
                     raise ParseError("chunk data not followed by CRLF")
-                self._drop(2)
                 self._state = _State.CHUNK_SIZE
             else:  # TRAILERS
                 return self._trailer_event()
@@ -956,12 +974,19 @@ class ResponseParser(_Parser):
     has no body whatever its fields say (RFC 9112 §6.3 (1)).
     """
 
-    __slots__ = ("_method", "seen_bytes")
+    __slots__ = ("_method", "seen_bytes", "_lf_scan")
+
+    # Origins that end lines with LF alone exist (embedded servers, CGI scripts, test
+    # doubles); nginx, HAProxy and Squid accept their responses, and RFC 9112 §2.2 allows it.
+    # Safe here as it is not for requests: what the client receives is re-serialised with
+    # CRLF by proxyd, so no other parser ever sees the lone LF.
+    LONE_LF_ENDS_LINES = True
 
     def __init__(self, limits: ParserLimits | None = None) -> None:
         super().__init__(limits)
         self._method = b"GET"
         self.seen_bytes = False  # any byte of the current response received
+        self._lf_scan = -1  # >= 0: this head has a lone LF; where to resume looking for its end
 
     def expect(self, method: bytes) -> None:
         """Set the method of the request whose response comes next."""
@@ -1087,6 +1112,35 @@ class ResponseParser(_Parser):
         if resp.status >= 200:
             self._enter_body(resp.framing, resp.content_length)
         return resp
+
+    def _find_head(self) -> bytes | None:
+        """The head, lines ended by CRLF, once complete (see :meth:`_Parser._find_head`); a
+        head with lines ended by LF alone is found by :meth:`_find_lf_head`."""
+        if self._lf_scan < 0:
+            try:
+                return super()._find_head()
+            except BareLineFeed:
+                self._lf_scan = 0
+        return self._find_lf_head()
+
+    def _find_lf_head(self) -> bytes | None:
+        """The head ended by an empty line after LF or CRLF line ends, with every line end
+        rewritten as CRLF; None until it is complete. A CR anywhere else stays, and fails
+        the status-line or field check (RFC 9112 §2.2: a bare CR is invalid)."""
+        buf = self._buf
+        limit = self.limits.head_size
+        m = _LF_HEAD_END.search(buf, max(0, self._lf_scan - 2), limit + 2)
+        if m is None:
+            self._lf_scan = len(buf)
+            self._check_partial_head()
+            return None
+        if m.end() > limit:
+            raise ParseError("message head too large", status=431)
+        head = bytes(buf[:m.start()])
+        self._drop(m.end())
+        self._scan_from = 0
+        self._lf_scan = -1
+        return b"\r\n".join(_LINE_END.split(head[:-1] if head[-1:] == b"\r" else head))
 
     def _parse_head(self, head: bytes) -> ResponseHead:
         first, sep, block = head.partition(b"\r\n")

@@ -711,8 +711,13 @@ RESPONSE_CASES: list[ResponseCase] = [
     ResponseCase("obs-fold", resp(OK, "X-A: 1", " 2", "Content-Length: 5", body="hello"), E502,
                  "RFC 9112 §5.2: a proxy MUST discard the message and send 502, or replace "
                  "obs-fold with SP"),
-    ResponseCase("bare-lf", b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello", E502,
-                 "RFC 9112 §2.2"),
+    # RFC 9112 §2.2: a recipient MAY take a lone LF as a line end. nginx, HAProxy and Squid do
+    # for responses, and so does proxyd: it re-serialises the head, the client sees CRLF.
+    ResponseCase("bare-lf", b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello", COMPLETE,
+                 "RFC 9112 §2.2 (MAY accept)", body=b"hello", discard=False),
+    ResponseCase("bare-lf-chunked", b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n"
+                                    b"5\nhello\n0\n\n", COMPLETE,
+                 "RFC 9112 §2.2 (MAY accept)", body=b"hello", discard=False),
     ResponseCase("nul-in-value", resp(OK, "X-A: a\x00b", "Content-Length: 5", body="hello"),
                  E502, "RFC 9110 §5.5: NUL MUST be rejected or replaced"),
     ResponseCase("bare-cr-in-value", resp(OK, "X-A: a\rb", "Content-Length: 5", body="hello"),
@@ -731,9 +736,9 @@ RESPONSE_CASES: list[ResponseCase] = [
     ResponseCase("chunk-data-longer", resp(OK, "Transfer-Encoding: chunked",
                                            body="5\r\nhelloXX\r\n0\r\n\r\n"), INCOMPLETE,
                  "RFC 9112 §7.1"),
-    ResponseCase("chunk-bare-lf", resp(OK, "Transfer-Encoding: chunked",
-                                       body="5\nhello\r\n0\r\n\r\n"), INCOMPLETE,
-                 "RFC 9112 §7.1; [Funky24]"),
+    ResponseCase("chunk-bare-cr", resp(OK, "Transfer-Encoding: chunked",
+                                       body="5\rhello\r\n0\r\n\r\n"), INCOMPLETE,
+                 "RFC 9112 §7.1; [Funky24] (a lone LF is a line end here, a bare CR never)"),
     ResponseCase("chunk-ext-unterminated", resp(OK, "Transfer-Encoding: chunked",
                                                 body='5;a="x\r\nhello\r\n0\r\n\r\n'),
                  INCOMPLETE, "RFC 9112 §7.1.1"),

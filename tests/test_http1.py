@@ -959,6 +959,70 @@ VALID_RESPONSES = [
 ]
 
 
+LONE_LF_RESPONSES = [
+    pytest.param(
+        (), b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello",
+        [rs(200, b"OK", (b"Content-Length", b"5"), framing=Framing.LENGTH, length=5),
+         b"hello", EOM],
+        id="every-line"),
+    pytest.param(
+        (), b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
+        [rs(200, b"OK", (b"Content-Length", b"0")), EOM],
+        id="status-line-only"),
+    pytest.param(
+        (), R + b"X: a\nContent-Length: 2\r\n\nhi",
+        [rs(200, b"OK", (b"X", b"a"), (b"Content-Length", b"2"), framing=Framing.LENGTH,
+            length=2), b"hi", EOM],
+        id="mixed-then-lf-blank-line"),
+    pytest.param(
+        (), R + b"Content-Length: 9\n\r\n\r\n\r\nabcde",
+        [rs(200, b"OK", (b"Content-Length", b"9"), framing=Framing.LENGTH, length=9),
+         b"\r\n\r\nabcde", EOM],
+        id="body-holding-crlfcrlf"),
+    pytest.param(
+        (), b"HTTP/1.0 404\nServer: x\nContent-Length: 0\n\n",
+        [rs(404, b"", (b"Server", b"x"), (b"Content-Length", b"0"), version=10,
+            keep_alive=False), EOM],
+        id="http10-no-reason"),
+    pytest.param(
+        (b"HEAD",), b"HTTP/1.1 200 OK\nContent-Length: 7\n\n",
+        [rs(200, b"OK", (b"Content-Length", b"7")), EOM],
+        id="head-response"),
+    pytest.param(
+        (), R + b"Transfer-Encoding: chunked\n\n5;x=y\nhello\n0\nT: 1\n\n",
+        [rs(200, b"OK", (b"Transfer-Encoding", b"chunked"), framing=Framing.CHUNKED),
+         b"hello", EndOfMessage([(b"T", b"1")])],
+        id="chunked-lines"),
+]
+
+
+@pytest.mark.parametrize("methods, data, expected", LONE_LF_RESPONSES)
+def test_response_lines_may_end_in_lone_lf(methods, data, expected):
+    """RFC 9112 §2.2: a recipient MAY take a lone LF as a line end; nginx, HAProxy and Squid
+    do for responses, so proxyd does too (requests stay strict: tests/corpus_requests.py).
+    The head is rewritten with CRLF, so what the client receives is canonical."""
+    check_parses(ResponseParser, data, expected, methods=methods, pipelined=NEXT_RESPONSE,
+                 pipelined_events=NEXT_RESPONSE_EVENTS)
+    p = ResponseParser()
+    p.expect(methods[0] if methods else b"GET")
+    p.feed(data)
+    assert b"\n" not in p.next_event().raw_block.replace(b"\r\n", b"")
+
+
+def test_lone_lf_head_over_the_limit_is_431():
+    """The head-size limit holds for a head found by its lone-LF line ends."""
+    limits = ParserLimits(head_size=64)
+    data = b"HTTP/1.1 200 OK\nX: " + b"a" * 80 + b"\n\n"
+    for pieces in ([data], [data[i:i + 1] for i in range(len(data))]):
+        p = ResponseParser(limits)
+        p.expect(b"GET")
+        with pytest.raises(ParseError) as info:
+            for piece in pieces:
+                p.feed(piece)
+                p.next_event()
+        assert info.value.status == 431
+
+
 @pytest.mark.parametrize("methods, data, expected", VALID_RESPONSES)
 def test_response_parses(methods, data, expected):
     """Valid responses (RFC 9112 §4, §6.3) parse identically however the bytes arrive."""
@@ -1020,7 +1084,12 @@ INVALID_RESPONSES = [
     pytest.param(b"HTTP/1.1 200 O\rK\r\n\r\n", id="bare-cr-in-reason"),
     pytest.param(b"http/1.1 200 OK\r\n\r\n", id="lowercase-http-name"),
     pytest.param(b"HTTP/2.0 200 OK\r\n\r\n", id="http2"),
-    pytest.param(b"HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n", id="bare-lf"),
+    # A lone LF ends a line in a response (below), but a bare CR is never a line end.
+    pytest.param(b"HTTP/1.1 200 OK\nX: a\rb\nContent-Length: 0\n\n", id="lf-head-bare-cr"),
+    pytest.param(b"HTTP/1.1 200 OK\rContent-Length: 0\r\n\r\n", id="bare-cr-line-end"),
+    pytest.param(b"HTTP/1.1 200 OK\nX: a\n b\nContent-Length: 0\n\n", id="lf-head-obs-fold"),
+    pytest.param(R + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r0\r\n\r\n",
+                 id="chunk-data-then-bare-cr"),
     pytest.param(R + b"X: a\r\n b\r\nContent-Length: 0\r\n\r\n", id="obs-fold"),
     pytest.param(R + b"X : a\r\nContent-Length: 0\r\n\r\n", id="space-before-colon"),
     pytest.param(b"ICY 200 OK\r\n\r\n", id="not-http"),
