@@ -398,10 +398,14 @@ def test_sighup_while_a_reload_starts_is_not_lost(proxyd, tls_origin):
         while not set(p.worker_pids()) - old_pids:  # the first reload's worker has started
             assert time.monotonic() < deadline, "no new worker after SIGHUP"
             time.sleep(0.02)
+        first_reload = set(p.worker_pids()) - old_pids
         p.config_path.write_text('access_log = false\nvia = "gen-c"\n')
         p.proc.send_signal(signal.SIGHUP)
         assert p.wait_for_log(r"msg=reloaded\b.*\bgeneration=2\b", 20, start=mark), \
             p.stderr_text()[-3000:]
+        # A draining worker may still accept a connection until it has handled its SIGTERM
+        # (as an nginx worker may): wait until the first two generations are gone.
+        wait_reaped(p, old_pids | first_reload, timeout=15)
     finally:
         silent.close()
     conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
