@@ -27,6 +27,9 @@ from .admin import AdminServer
 from .config import Config, ConfigError, parse_hostport
 from .metrics import MetricsView, ProxydCollector, fold_origins, merge
 from .systemd import Notifier, listen_fds
+# Imported here, not in the forked child: a worker that replaces one hours later must run
+# the code this master was started with, not whatever a package upgrade left on disk.
+from .worker import worker_main
 
 log = logging.getLogger("proxyd.master")
 
@@ -125,7 +128,8 @@ class Master:
     def _install_signals(self) -> None:
         os.set_blocking(self._wake_w, False)
         signal.set_wakeup_fd(self._wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
+                    signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, self._on_signal)
 
     # -- workers ------------------------------------------------------------------------------
@@ -147,13 +151,17 @@ class Master:
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
+            # nginx reopens logs on SIGUSR1, HAProxy reloads on SIGUSR2: sent to a worker by
+            # habit, either must not kill it (the default action).
+            for sig in (signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(sig, signal.SIG_IGN)
+            logging.getLogger("proxyd").setLevel(cfg.log_level.upper())  # a reload may change it
             os.close(self._wake_r)
             os.close(self._wake_w)
             for w in self.workers.values():
                 os.close(w.read_fd)
             if self.admin is not None:
                 self.admin.close()  # the child's copies only; the master keeps serving
-            from .worker import worker_main
             code = worker_main(cfg, self.sock, write_fd)
         except BaseException:
             log.exception("worker failed")
@@ -191,15 +199,29 @@ class Master:
             return
         log.error("worker died; replacing it", extra={"fields": fields})
         self.worker_restarts += 1
+        self._respawn_later()
+
+    def _respawn_later(self) -> float:
+        """Back off before the next replacement (none for the first); returns the delay."""
         self.respawn_failures += 1
         delay = min(_RESPAWN_BACKOFF_MAX, 0.1 * 2 ** (self.respawn_failures - 1))
-        self.next_respawn = time.monotonic() + (delay if self.respawn_failures > 1 else 0.0)
+        delay = delay if self.respawn_failures > 1 else 0.0
+        self.next_respawn = time.monotonic() + delay
+        return delay
 
     def _boot_failed(self, proc: WorkerProc, fields: dict[str, object]) -> None:
         if self.reload_pending is not None and proc.generation == self.generation:
             log.error("new worker could not start; reload aborted, old workers keep serving",
                       extra={"fields": fields})
             self._abort_reload()
+            return
+        if self.announced:
+            # A replacement for a worker that died. The others keep serving (so do nginx's
+            # and HAProxy's); what stopped it (a CA file being rotated, say) may pass.
+            delay = self._respawn_later()
+            log.error("replacement worker could not start; others keep serving, retrying",
+                      extra={"fields": {**fields, "retry_in_s": round(delay, 1),
+                                        "serving": len(self._serving())}})
             return
         log.critical("worker could not start; stopping", extra={"fields": fields})
         self.exit_code = 1
@@ -269,8 +291,10 @@ class Master:
                 self.stop_deadline = float("inf")
             return
         self._advance_reload(now)
-        if len(self.current()) < self.cfg.worker_count and now >= self.next_respawn:
-            self.spawn(self.cfg, self.generation)
+        # During a reload the current generation is the new one, running the new config.
+        cfg = self.reload_pending or self.cfg
+        if len(self.current()) < cfg.worker_count and now >= self.next_respawn:
+            self.spawn(cfg, self.generation)
         if not self.announced and self._generation_ready():
             self.announced = True
             log.info("ready", extra={"fields": {
@@ -283,6 +307,21 @@ class Master:
     def _generation_ready(self) -> bool:
         cur = self.current()
         return len(cur) == self.cfg.worker_count and all(w.ready for w in cur)
+
+    def _serving(self) -> list[WorkerProc]:
+        """The generation that takes connections: during a reload the old one, until the new
+        one is ready."""
+        if self.reload_pending is None:
+            return self.current()
+        return [w for w in self.workers.values()
+                if w.generation != self.generation and not w.draining]
+
+    def _serving_ready(self) -> bool:
+        """What /readyz says: every worker of the serving generation ready (a reload does not
+        take proxyd out of a load balancer: the old generation serves until the new one is)."""
+        serving = self._serving()
+        return (self.announced and not self.stopping and len(serving) == self.cfg.worker_count
+                and all(w.ready for w in serving))
 
     def _notify_periodic(self, now: float) -> None:
         if now - self._last_status >= _STATUS_EVERY:
@@ -353,15 +392,20 @@ class Master:
         self.notify.reloading()
         try:
             new = self.loader()
-        except ConfigError as exc:
+        except Exception as exc:  # noqa: BLE001 — whatever the reason, the master must live on
             self.reloads_failed += 1
+            error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             log.error("reload refused: invalid configuration; old configuration keeps serving",
-                      extra={"fields": {"error": str(exc)}})
+                      extra={"fields": {"error": error}})
             self.notify.ready(self.status_line())
             return
-        if new.listen != self.cfg.listen:
-            log.warning("listen address changes need a restart; keeping the current listener",
-                        extra={"fields": {"listen": self.address}})
+        for key, old_value, new_value, bound in (
+                ("listen", self.cfg.listen, new.listen, self.address),
+                ("metrics_listen", self.cfg.metrics_listen, new.metrics_listen,
+                 self.admin_address)):
+            if new_value != old_value:
+                log.warning("listen address changes need a restart; keeping the current listener",
+                            extra={"fields": {"key": key, "listen": bound, "asked": new_value}})
         self.reload_pending = new
         self.reload_deadline = time.monotonic() + new.timeouts.connect + new.timeouts.tls_handshake + 5
         self.generation += 1
@@ -379,6 +423,7 @@ class Master:
                 w.draining = True
             self._kill([w.pid for w in old], signal.SIGTERM)
             self.cfg = new
+            logging.getLogger("proxyd").setLevel(new.log_level.upper())
             self.reload_pending = None
             self.reloads_ok += 1
             self.last_reload_success = time.time()
@@ -414,7 +459,7 @@ class Master:
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
-            ready = self.announced and self._generation_ready() and not self.stopping
+            ready = self._serving_ready()
             return (200, "text/plain", b"ready\n") if ready else (503, "text/plain", b"not ready\n")
         if path in ("/status", "/"):
             return 200, "text/plain; charset=utf-8", self.status_page().encode()
@@ -451,10 +496,16 @@ class Master:
         elif signum == signal.SIGQUIT:
             log.warning("SIGQUIT: stopping at once")
             self.stopping = True
+            self.stop_deadline = float("inf")  # nothing left to time out
             self.notify.stopping()
             self._kill(list(self.workers), signal.SIGKILL)
         elif signum == signal.SIGHUP and not self.stopping:
             self.reload()
+        elif signum in (signal.SIGUSR1, signal.SIGUSR2):
+            # Not nginx's reopen-logs (proxyd writes to stderr, there is nothing to reopen) nor
+            # HAProxy's reload: say so rather than die of the default action.
+            log.warning("signal ignored: SIGHUP reloads, SIGTERM stops",
+                        extra={"fields": {"signal": signal.Signals(signum).name}})
 
     def begin_stop(self) -> None:
         """Graceful stop: workers finish in-flight requests up to the shutdown timeout."""

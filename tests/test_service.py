@@ -318,13 +318,17 @@ def test_reload_under_load(proxyd, tls_origin):
 @pytest.mark.parametrize("bad", [
     pytest.param('workers = 2\n[pool\nwarm = 1\n', id="toml-syntax-error"),
     pytest.param('[pool]\nwram = 3\n', id="unknown-key"),
+    pytest.param(b'via = "caf\xe9"\n', id="not-utf-8"),  # killed the master (a traceback)
 ])
 def test_reload_with_invalid_config_is_refused(proxyd, tls_origin, bad):
     p = proxyd(workers=2, origins=[tls_origin.authority], warm=1,
                config={"access_log": False})
     pids = sorted(p.worker_pids())
     assert len(pids) == 2
-    p.config_path.write_text(bad)
+    if isinstance(bad, bytes):
+        p.config_path.write_bytes(bad)
+    else:
+        p.config_path.write_text(bad)
     mark = p.log_mark()
     p.proc.send_signal(signal.SIGHUP)
     line = p.wait_for_log(r'msg="reload refused: invalid configuration; old configuration '
@@ -376,6 +380,67 @@ def test_reload_applies_new_config(proxyd, tls_origin, origin_factory):
     for o in (tls_origin, second):
         status, body, _ = get(p.port, o.url("/bytes/300"))
         assert (status, body) == (200, pattern_bytes(300))
+
+
+def test_reload_changes_worker_count_and_log_level(proxyd, tls_origin):
+    """Every reloadable key takes effect: two workers become one (the new generation must not
+    be topped up to the old count with the old config), and log_level applies to master and
+    workers. A listen address it cannot change is named in a warning."""
+    listen = 'listen = "127.0.0.1:0"\n'
+    p = proxyd(workers=None, origins=[tls_origin.authority], warm=1, listen=False,
+               config=listen + 'metrics_listen = "127.0.0.1:0"\naccess_log = false\n'
+                               'workers = 2\nlog_level = "info"\n')
+    old_pids = p.worker_pids()
+    assert len(old_pids) == 2
+    p.config_path.write_text(listen + 'metrics_listen = "127.0.0.1:1"\naccess_log = false\n'
+                                      'workers = 1\nlog_level = "debug"\n')
+    mark = p.log_mark()
+    p.proc.send_signal(signal.SIGHUP)
+    assert p.wait_for_log(r"msg=reloaded\b.*\bgeneration=1\b", 15, start=mark), \
+        p.stderr_text()[-3000:]
+    wait_reaped(p, old_pids)
+    assert len(p.worker_pids()) == 1, p.stderr_text()[-3000:]
+    warning = p.wait_for_log(r"need a restart.*key=metrics_listen", 1, start=mark)
+    assert warning is not None, p.stderr_text()[-3000:]
+    status, body, _ = get(p.port, tls_origin.url("/bytes/10"))
+    assert (status, body) == (200, pattern_bytes(10))
+    assert p.terminate() == 0  # the new worker closes its pool: debug lines
+    assert re.search(r"level=debug .*pid=(?!%d\b)" % p.pid,
+                     "\n".join(p.stderr_text().splitlines()[mark:])), \
+        "no worker debug line after reloading to log_level = debug\n" + p.stderr_text()[-3000:]
+
+
+def test_readyz_stays_ready_while_a_reload_warms_up(proxyd, tls_origin):
+    """The old generation serves until the new one is ready, so a reload must not make a load
+    balancer pull the node: /readyz stays 200 throughout."""
+    silent = socket.socket()  # accepts TCP, never speaks TLS: holds the reload open
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
+                   config={"access_log": False})
+        old_pids = set(p.worker_pids())
+        p.config_path.write_text(
+            f'access_log = false\n[timeouts]\ntls_handshake = 1.0\n'
+            f'[[origin]]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\nwarm = 1\n')
+        mark = p.log_mark()
+        p.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not set(p.worker_pids()) - old_pids:  # the new generation is warming up
+            assert time.monotonic() < deadline, "no new worker after SIGHUP"
+            time.sleep(0.02)
+        conn = http.client.HTTPConnection("127.0.0.1", p.metrics_port, timeout=IO_TIMEOUT)
+        statuses = []
+        while p.wait_for_log(r"msg=reloaded\b", 0, start=mark) is None:
+            assert time.monotonic() < deadline, p.stderr_text()[-3000:]
+            conn.request("GET", "/readyz")
+            r = conn.getresponse()
+            r.read()
+            statuses.append(r.status)
+        conn.close()
+    finally:
+        silent.close()
+    assert statuses and set(statuses) == {200}, statuses
 
 
 def test_sighup_while_a_reload_starts_is_not_lost(proxyd, tls_origin):
@@ -511,6 +576,7 @@ def test_forced_stop_is_prompt(proxyd, tls_origin, how):
         d.close()
     print(f"\n{how}: -> exit {stop:.2f}s (status {rc}); client got {len(d.body)} of {size}")
     assert rc is not None and stop < 2.0, f"{how}: still running after {stop:.2f}s"
+    assert "shutdown timeout" not in p.stderr_text(), "a forced stop is not a timeout"
     assert not d.complete and len(d.body) < size
     for pid in workers:
         assert wait_pid_gone(pid, 2), f"worker {pid} outlived the master"
@@ -544,6 +610,56 @@ def test_killed_worker_is_replaced(proxyd, tls_origin):
         status, body, _ = get(p.port, tls_origin.url(f"/bytes/{500 + i}"))
         assert (status, body) == (200, pattern_bytes(500 + i))
     assert p.alive()
+
+
+def test_replacement_that_cannot_boot_is_retried_while_the_others_serve(proxyd, tls_origin,
+                                                                        ca_pem, tmp_path):
+    """A worker dies while its replacement cannot start (the CA file is being rotated): the
+    master must not stop the healthy worker and exit, as it does when the first generation
+    cannot boot. It retries with back-off; once the file is back, the pool is whole again."""
+    ca = tmp_path / "rotating-ca.pem"
+    shutil.copy(ca_pem, ca)
+    p = proxyd(workers=2, origins=[tls_origin.authority], warm=1, ca_file=ca)
+    victim, survivor = sorted(p.worker_pids())
+    mark = p.log_mark()
+    ca.rename(tmp_path / "moved-away.pem")
+    os.kill(victim, signal.SIGKILL)
+    assert p.wait_for_log(r'msg="replacement worker could not start', 10, start=mark), \
+        p.stderr_text()[-3000:]
+    assert p.alive() and pid_alive(survivor)
+    status, body, _ = get(p.port, tls_origin.url("/bytes/100"))
+    assert (status, body) == (200, pattern_bytes(100))
+    # /readyz tells a load balancer that this node is not whole
+    conn = http.client.HTTPConnection("127.0.0.1", p.metrics_port, timeout=IO_TIMEOUT)
+    conn.request("GET", "/readyz")
+    assert conn.getresponse().status == 503
+    conn.close()
+    (tmp_path / "moved-away.pem").rename(ca)
+    mark = p.log_mark()
+    line = p.wait_for_log(r'msg="worker started"', 15, start=mark)
+    assert line is not None, p.stderr_text()[-3000:]
+    deadline = time.monotonic() + 15
+    while len(p.worker_pids()) != 2:
+        assert time.monotonic() < deadline, p.stderr_text()[-3000:]
+        time.sleep(0.05)
+    assert "msg=stopped" not in p.stderr_text()
+
+
+def test_usr1_usr2_neither_kill_nor_restart(proxyd, tls_origin):
+    """nginx reopens logs on SIGUSR1 and HAProxy reloads on SIGUSR2: an operator's habit must
+    not take proxyd down (the default action of both is to terminate)."""
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1)
+    worker = p.worker_pids()[0]
+    mark = p.log_mark()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        p.proc.send_signal(sig)
+        os.kill(worker, sig)
+    assert p.wait_for_log(r"msg=\"signal ignored.*signal=SIGUSR2", 5, start=mark), \
+        p.stderr_text()[-2000:]
+    status, body, _ = get(p.port, tls_origin.url("/bytes/10"))
+    assert (status, body) == (200, pattern_bytes(10))
+    assert p.alive() and p.worker_pids() == [worker]
+    assert "worker died" not in p.stderr_text()
 
 
 def test_bad_ca_file_is_a_config_error(tmp_path):
