@@ -25,7 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .admin import AdminServer
 from .config import Config, ConfigError, parse_hostport
-from .metrics import MetricsView, ProxydCollector, fold_origins, merge
+from .metrics import MetricsView, OriginLabels, ProxydCollector, merge
 from .systemd import Notifier, listen_fds
 # Imported here, not in the forked child: a worker that replaces one hours later must run
 # the code this master was started with, not whatever a package upgrade left on disk.
@@ -95,6 +95,7 @@ class Master:
         self.respawn_failures = 0
         self.next_respawn = 0.0
         self.totals_dead: dict[str, object] = {}
+        self.labels = OriginLabels()  # origin labels with series of their own, never re-picked
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.worker_restarts = 0
@@ -359,9 +360,9 @@ class Master:
         totals = self.totals()
         configured = {f"{o.host.lower()}:{o.port}" for o in self.cfg.origin}
         cap = self.cfg.metrics_max_origins
-        totals["origins"] = fold_origins(totals.get("origins", {}), configured, cap)  # type: ignore[arg-type]
+        totals["origins"] = self.labels.fold(totals.get("origins", {}), configured, cap)  # type: ignore[arg-type]
         gauges = self.gauges()
-        gauges["pools"] = fold_origins(gauges.get("pools", {}), configured, cap)  # type: ignore[arg-type]
+        gauges["pools"] = self.labels.fold(gauges.get("pools", {}), configured, cap)  # type: ignore[arg-type]
         return MetricsView(totals, gauges, len(self.current()), self.worker_restarts,
                            self.reloads_ok, self.reloads_failed, self.last_reload_success)
 

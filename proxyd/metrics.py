@@ -158,17 +158,40 @@ def merge(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = into.get(key, 0) + value
 
 
-def fold_origins(origins: dict[str, Any], configured: set[str], cap: int) -> dict[str, Any]:
-    """Keep configured labels and at most ``cap`` learned ones; fold the rest into ``other``."""
-    out: dict[str, Any] = {}
-    learned = 0
-    for label in sorted(origins):
-        keep = label in configured or label in (OTHER, NO_ORIGIN)
-        if not keep and learned < cap:
-            learned += 1
-            keep = True
-        merge(out.setdefault(label if keep else OTHER, {}), origins[label])
-    return out
+class OriginLabels:
+    """Which origin labels get series of their own at the master, decided once per label.
+
+    Workers come and go (crashes, reloads), each with its own first 50 learned origins, so
+    the union the master sees changes. Re-picking the labels from that union at every scrape
+    moved counts between ``origin="X"`` and ``origin="other"``: counters went backwards and
+    series vanished, which Prometheus reads as resets. Here a label's fate is sealed the
+    first time the master sees it: configured origins (and ``other``, ``none``) always get
+    their own series; learned ones while fewer than ``cap`` have one; the rest fold into
+    ``other`` for the master's life (even if configured later: their past counts are in
+    ``other`` already and cannot be taken out of it without a decrease).
+    """
+
+    def __init__(self) -> None:
+        self._own: dict[str, bool] = {}
+        self._learned = 0
+
+    def fold(self, origins: dict[str, Any], configured: set[str], cap: int) -> dict[str, Any]:
+        """``origins`` keyed by the label each gets: its own or ``other``."""
+        out: dict[str, Any] = {}
+        for label in sorted(origins):  # first sight in a fixed order: the same on every run
+            own = self._own.get(label)
+            if own is None:
+                own = self._own[label] = self._decide(label, configured, cap)
+            merge(out.setdefault(label if own else OTHER, {}), origins[label])
+        return out
+
+    def _decide(self, label: str, configured: set[str], cap: int) -> bool:
+        if label in configured or label in (OTHER, NO_ORIGIN):
+            return True
+        if self._learned < cap:
+            self._learned += 1
+            return True
+        return False
 
 
 def _le(bound: float) -> str:

@@ -750,6 +750,42 @@ def test_origin_label_cardinality_cap(proxyd, origin_factory):
     assert sum(v for n, _, v in samples if n == "proxyd_requests_total") == 12
 
 
+def _counter_samples(text: str) -> dict[tuple, float]:
+    types, samples = parse_exposition(text)
+    out = {}
+    for name, labels, value in samples:
+        family = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        if types.get(family) in ("counter", "histogram") or types.get(name) == "counter":
+            out[(name, tuple(sorted(labels.items())))] = value
+    return out
+
+
+def test_origin_labels_never_move_between_series(proxyd, origin_factory):
+    """Found by an operator sweep: the master re-picked the learned labels from the union of
+    its workers' at every scrape (alphabetically), so after a reload or a worker restart a
+    new origin took the label slot of an old one: `origin="other"` jumped, the old series
+    vanished — counter resets for Prometheus. A label's series is decided once."""
+    late, early = sorted((origin_factory() for _ in range(2)), key=lambda o: o.authority)
+    p = proxyd(workers=1, config={"metrics_max_origins": 1, "access_log": False})
+    for i in range(2):
+        assert via_proxy(p, f"http://localhost:{early.port}/bytes/{i}")[0] == 200
+    wait_requests_counted(p, 2)
+    before = _counter_samples(scrape(p))
+    assert metric_sum(scrape(p), "proxyd_requests_total", origin=early.authority) == 2
+    mark = p.log_mark()
+    os.kill(p.pid, signal.SIGHUP)  # a new worker, which has seen no origin yet
+    assert p.wait_for_log(r"msg=\"worker exited\"", 15, start=mark), p.stderr_text()[-2000:]
+    # the new origin sorts first: a re-pick would give it the one learned slot
+    assert via_proxy(p, f"http://localhost:{late.port}/bytes/1")[0] == 200
+    wait_requests_counted(p, 3)
+    after = _counter_samples(scrape(p))
+    went_back = {k: (v, after.get(k)) for k, v in before.items() if after.get(k, -1) < v}
+    assert not went_back, f"counters went backwards or vanished: {list(went_back.items())[:5]}"
+    text = scrape(p)
+    assert metric_sum(text, "proxyd_requests_total", origin=early.authority) == 2
+    assert metric_sum(text, "proxyd_requests_total", origin="other") == 1
+
+
 # ======================================================================================
 # end to end: a real Prometheus scrapes proxyd; the dashboard and the alerts run on it
 # ======================================================================================
