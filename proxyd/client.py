@@ -21,7 +21,7 @@ from .headers import (MAX_FORWARDS_METHODS, client_response_head, decrement_max_
 from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, Framing,
                     IncompleteMessage, ParseError, RequestHead, RequestParser, ResponseHead,
                     chunk_frame, field_values, last_chunk, lower_names)
-from .router import valid_host_field
+from .router import redact_userinfo, valid_host_field
 from .tunnel import Tunnel
 from .upstream import UpstreamConnection
 
@@ -736,7 +736,7 @@ class ClientConnection(asyncio.Protocol):
             exchanges.add((time.monotonic(), self.started, self.t_conn, self.t_head, self.peer,
                            req.method if req is not None else b"-",
                            route.target if route is not None else
-                           (req.target if req is not None else b"-"),
+                           (redact_userinfo(req.target) if req is not None else b"-"),
                            self.pool, status, self.bytes_in, self.bytes_out, self.reused,
                            self.retried, error))
 

@@ -52,6 +52,17 @@ class Route(NamedTuple):
     settings: OriginConfig | None  # configured origin, or None for a learned one
 
 
+_USERINFO = re.compile(rb"^((?:[A-Za-z][A-Za-z0-9+.\-]*://)?)[^/?#]*@")
+
+
+def redact_userinfo(target: bytes) -> bytes:
+    """``target`` with any userinfo (``user:password@``) of its authority replaced by ``***``:
+    a request refused for carrying one is still logged, and passwords never are."""
+    if b"@" not in target or target[:1] == b"/":
+        return target  # origin-form: an "@" in a path is data, not userinfo
+    return _USERINFO.sub(rb"\1***@", target, count=1)
+
+
 def split_authority(authority: str) -> tuple[str, int | None]:
     """Split ``host[:port]`` into a validated, lower-cased host and an optional port."""
     if "@" in authority:

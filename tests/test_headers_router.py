@@ -34,7 +34,7 @@ from proxyd.http1 import (
     ResponseHead,
     ResponseParser,
 )
-from proxyd.router import OriginKey, Router, split_authority, valid_host_field
+from proxyd.router import OriginKey, Router, redact_userinfo, split_authority, valid_host_field
 
 VIA = b"1.1 proxyd"
 
@@ -869,3 +869,15 @@ def test_route_fast_match_agrees_with_the_general_parse(target, method, monkeypa
     fast = _route_or_error(target, method)
     monkeypatch.setattr(proxyd.router, "_HTTP_TARGET", re.compile(rb"(?!)"))
     assert fast == _route_or_error(target, method)
+
+
+@pytest.mark.parametrize("target, logged", [
+    (b"http://user:s3cret@host/x", b"http://***@host/x"),
+    (b"http://a@b@host:80/p?q=@", b"http://***@host:80/p?q=@"),  # up to the authority's end
+    (b"HTTP://u@h", b"HTTP://***@h"),
+    (b"user:pw@host:443", b"***@host:443"),  # CONNECT's authority-form
+    (b"/p@x", b"/p@x"),  # an "@" in a path is data
+    (b"http://host/p@x", b"http://host/p@x"),
+])
+def test_redact_userinfo(target, logged):
+    assert redact_userinfo(target) == logged

@@ -1113,6 +1113,17 @@ def test_access_log_lines(proxyd, tls_origin, origin_factory):
     assert len(lines) == 4, [f"{f.get('method')} {f.get('path')}" for f in lines]
 
 
+def test_refused_userinfo_is_logged_without_the_password(proxyd, tls_origin):
+    """A target with user:password@ is refused (400), and its access line must not carry the
+    password: the README promises credentials are never logged."""
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1)
+    status, _, _ = get(p.port, f"http://user:s3cret@{tls_origin.authority}/private")
+    assert status == 400
+    line = access_line(p, r"status=400")
+    assert "s3cret" not in p.stderr_text(), line
+    assert line["path"] == f"http://***@{tls_origin.authority}/private", line
+
+
 def test_access_log_disabled(proxyd, tls_origin):
     p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
                config={"access_log": False})
