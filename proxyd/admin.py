@@ -101,7 +101,9 @@ class AdminServer:
             return _response(400, "text/plain", b"bad request\n", False)
         method, target = parts[0], parts[1]
         if method not in ("GET", "HEAD"):
-            return _response(405, "text/plain", b"only GET and HEAD\n", method == "HEAD")
+            # RFC 9110 §15.5.6: a 405 MUST list the methods the target supports in Allow.
+            return _response(405, "text/plain", b"only GET and HEAD\n", False,
+                             b"Allow: GET, HEAD\r\n")
         status, ctype, body = self.handler(method, target.split("?", 1)[0])
         return _response(status, ctype, body, method == "HEAD")
 
@@ -135,8 +137,9 @@ class AdminServer:
         self.sock.close()
 
 
-def _response(status: int, ctype: str, body: bytes, head_only: bool) -> bytes:
+def _response(status: int, ctype: str, body: bytes, head_only: bool,
+              extra: bytes = b"") -> bytes:
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-            "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode()
+            "Cache-Control: no-store\r\nConnection: close\r\n").encode() + extra + b"\r\n"
     return head if head_only else head + body

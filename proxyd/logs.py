@@ -16,15 +16,40 @@ def _quote(value: Any) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+# syslog priorities (RFC 5424 §6.2.1) of the logging levels, for journald's level prefix.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+def stderr_is_journal(environ: dict[str, str] | None = None) -> bool:
+    """True when stderr is connected to journald: systemd then sets ``JOURNAL_STREAM`` to the
+    device and inode of that stream (systemd.exec(5))."""
+    dev, _, ino = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 class LogfmtFormatter(logging.Formatter):
     """``ts=... level=info pid=123 logger=proxyd.pool msg="..." key=value ...``.
 
-    Extra fields come from ``extra={"fields": {...}}``.
+    Extra fields come from ``extra={"fields": {...}}``. Under journald each line starts with
+    its syslog priority (``<4>`` for a warning: sd-daemon(3)), so that ``journalctl -p
+    warning`` finds proxyd's warnings; the prefix is not stored in the message.
     """
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [f"ts={ts}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}",
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>" if self.journal else ""
+        parts = [f"{prefix}ts={ts}.{int(record.msecs):03d}Z", f"level={record.levelname.lower()}",
                  f"pid={record.process}", f"logger={record.name}", f"msg={_quote(record.getMessage())}"]
         fields = getattr(record, "fields", None)
         if fields:
@@ -37,7 +62,7 @@ class LogfmtFormatter(logging.Formatter):
 def setup(level: str) -> None:
     """Send proxyd's logs to stderr as logfmt at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+    handler.setFormatter(LogfmtFormatter(journal=stderr_is_journal()))
     root = logging.getLogger("proxyd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -731,6 +732,9 @@ def test_health_ready_status(proxyd, tls_origin):
     assert status == 200, (status, text)
     assert o.authority in text, text
     assert re.search(r"warm[-_ ]?hit[^\n]*?\d", text, re.I), f"no warm-hit figure:\n{text}"
+    # RFC 9110 §15.5.6: a 405 says which methods are allowed
+    status, headers, _ = http_get(mport, "/metrics", method="POST", body=b"x")
+    assert (status, headers.get("Allow")) == (405, "GET, HEAD"), (status, dict(headers))
 
 
 def test_origin_label_cardinality_cap(proxyd, origin_factory):
@@ -937,3 +941,27 @@ def test_rate_limited_warnings_say_how_many_were_dropped(monkeypatch):
     limited.warning("failure %d", 25)
     assert records[10:] == ["15 more like the last one not logged in the second before",
                             "failure 25"]
+
+
+def test_log_lines_carry_their_priority_under_journald():
+    """Under journald (JOURNAL_STREAM names stderr) each line starts with its syslog priority,
+    so `journalctl -p warning -u proxyd` finds proxyd's warnings; elsewhere lines are plain
+    logfmt. Found by an operator sweep: every line was stored at priority info."""
+    script = ("import logging; from proxyd import logs; logs.setup('info'); "
+              "log = logging.getLogger('proxyd.t'); log.info('i'); log.warning('w'); "
+              "log.error('e')")
+    for journal in (True, False):
+        r, w = os.pipe()
+        try:
+            st = os.fstat(w)
+            env = dict(os.environ, PYTHONPATH=str(REPO),
+                       JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}" if journal else "1:2")
+            proc = subprocess.run([sys.executable, "-c", script], stderr=w, env=env,
+                                  timeout=30)
+        finally:
+            os.close(w)
+        with os.fdopen(r, "rb") as f:
+            lines = f.read().decode().splitlines()
+        assert proc.returncode == 0, lines
+        prefixes = [line.split("ts=", 1)[0] for line in lines]
+        assert prefixes == (["<6>", "<4>", "<3>"] if journal else ["", "", ""]), lines
