@@ -36,6 +36,9 @@ log = logging.getLogger("proxyd.master")
 BOOT_FAILURE = 3  # a worker exiting with this status before it was ready could not start
 _RESPAWN_BACKOFF_MAX = 10.0
 _HEARTBEAT_STALE = 5.0  # a worker silent this long does not count for the watchdog
+# ... and one silent this long is stuck: killed and replaced, so that the connections it
+# accepts do not hang forever (before systemd's WatchdogSec=30 restarts everything).
+_STUCK_KILL = 20.0
 _STATUS_EVERY = 2.0
 
 
@@ -51,6 +54,8 @@ class WorkerProc:
     draining: bool = False
     buffer: bytes = b""
     last_seen: float = 0.0
+    silent: bool = False  # reported as not responding
+    killed: bool = False  # killed as stuck, not yet reaped
     stats: dict[str, object] = field(default_factory=dict)
 
 
@@ -292,6 +297,7 @@ class Master:
                 self.stop_deadline = float("inf")
             return
         self._advance_reload(now)
+        self._check_heartbeats(now)
         # During a reload the current generation is the new one, running the new config.
         cfg = self.reload_pending or self.cfg
         if len(self.current()) < cfg.worker_count and now >= self.next_respawn:
@@ -304,6 +310,25 @@ class Master:
                 "warm_origins": len(self.cfg.origin)}})
             self.notify.ready(self.status_line())
         self._notify_periodic(now)
+
+    def _check_heartbeats(self, now: float) -> None:
+        """A serving worker reports every second. One that stops (a bug looping, a SIGSTOP,
+        the machine swapping) is named after _HEARTBEAT_STALE and killed after _STUCK_KILL
+        to be replaced — as HAProxy's watchdog kills a stuck process."""
+        for w in list(self.workers.values()):
+            if not w.ready or w.draining or w.killed:
+                continue
+            fields = {"worker_pid": w.pid, "silent_s": round(now - w.last_seen, 1)}
+            if now - w.last_seen >= _STUCK_KILL:
+                log.error("worker stuck; killing it to replace it", extra={"fields": fields})
+                w.killed = True
+                self._kill([w.pid], signal.SIGKILL)
+            elif now - w.last_seen >= _HEARTBEAT_STALE and not w.silent:
+                w.silent = True
+                log.warning("worker not responding", extra={"fields": fields})
+            elif now - w.last_seen < _HEARTBEAT_STALE and w.silent:
+                w.silent = False
+                log.info("worker responding again", extra={"fields": fields})
 
     def _generation_ready(self) -> bool:
         cur = self.current()
@@ -322,7 +347,7 @@ class Master:
         take proxyd out of a load balancer: the old generation serves until the new one is)."""
         serving = self._serving()
         return (self.announced and not self.stopping and len(serving) == self.cfg.worker_count
-                and all(w.ready for w in serving))
+                and all(w.ready and not w.silent for w in serving))
 
     def _notify_periodic(self, now: float) -> None:
         if now - self._last_status >= _STATUS_EVERY:
@@ -470,7 +495,8 @@ class Master:
         """A human-readable page: workers, pools per origin, warm-hit ratio, recent errors."""
         lines = [f"proxyd on {self.address}: {self.status_line()}", ""]
         for w in sorted(self.workers.values(), key=lambda w: w.pid):
-            state = "draining" if w.draining else ("ready" if w.ready else "starting")
+            state = ("draining" if w.draining else "not responding" if w.silent
+                     else "ready" if w.ready else "starting")
             lines.append(f"worker {w.pid} generation {w.generation} {state}")
             gauges = w.stats.get("gauges", {})
             for label, p in sorted(gauges.get("pools", {}).items()):  # type: ignore[union-attr]

@@ -709,6 +709,45 @@ def test_worker_boot_failure_stops_master(tmp_path):
     assert "msg=stopped" in err
 
 
+_STUCK_SCRIPT = """
+import sys
+from proxyd import __main__ as cli, master
+master._HEARTBEAT_STALE, master._STUCK_KILL = 1.5, 4.0  # 5 s and 20 s in production
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_stuck_worker_is_named_then_replaced(tmp_path, tls_origin, ca_pem):
+    """A worker that stops reporting (here SIGSTOP; in life a loop or swapping) is named in a
+    warning, makes /readyz 503, and is killed and replaced — the connections it would accept
+    must not hang until systemd's watchdog restarts everything."""
+    argv = [sys.executable, "-c", _STUCK_SCRIPT, "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--workers", "2", "--ca-file", str(ca_pem),
+            "--origin", tls_origin.authority, "--warm", "1"]
+    p = ProxydProcess(argv, None, None)
+    try:
+        p.wait_ready()
+        stuck, other = sorted(p.worker_pids())
+        mark = p.log_mark()
+        os.kill(stuck, signal.SIGSTOP)
+        assert p.wait_for_log(rf'msg="worker not responding" worker_pid={stuck}\b', 10,
+                              start=mark), p.stderr_text()[-2000:]
+        conn = http.client.HTTPConnection("127.0.0.1", p.metrics_port, timeout=IO_TIMEOUT)
+        conn.request("GET", "/readyz")
+        assert conn.getresponse().status == 503
+        conn.close()
+        assert p.wait_for_log(rf'msg="worker stuck; killing it to replace it" '
+                              rf'worker_pid={stuck}\b', 10, start=mark), p.stderr_text()[-2000:]
+        assert p.wait_for_log(r'msg="worker started"', 10, start=mark), p.stderr_text()[-2000:]
+        assert wait_pid_gone(stuck, 5)
+        now = p.worker_pids()
+        assert other in now and len(now) == 2, now
+        status, body, _ = get(p.port, tls_origin.url("/bytes/10"))
+        assert (status, body) == (200, pattern_bytes(10))
+    finally:
+        p.close()
+
+
 def test_workers_exit_when_master_is_killed(proxyd, tls_origin):
     p = proxyd(workers=2, origins=[tls_origin.authority], warm=1)
     workers = p.worker_pids()
