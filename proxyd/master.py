@@ -9,6 +9,7 @@ serving, so the listening socket never closes and no connection is refused.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .admin import AdminServer
 from .config import Config, ConfigError, parse_hostport
+from .config import _validate_listen_address as validate_listen_address
 from .metrics import MetricsView, OriginLabels, ProxydCollector, merge
 from .systemd import Notifier, listen_fds
 # Imported here, not in the forked child: a worker that replaces one hours later must run
@@ -566,19 +568,48 @@ class Master:
 
 
 def open_listener(cfg: Config) -> socket.socket:
-    """The listening socket: inherited from systemd socket activation, or bound here."""
+    """The listening socket: inherited from systemd socket activation, or bound here.
+
+    Raises ConfigError when an inherited socket is not loopback and nothing restricts who
+    may use it: the open-proxy guard of ``listen`` applies to the socket unit's address too.
+    """
     inherited = listen_fds()
-    if inherited:
-        for extra in inherited[1:]:
-            extra.close()
-        return inherited[0]
-    return bind_listener(cfg.listen, cfg.source)
+    if not inherited:
+        return bind_listener(cfg.listen, cfg.source)
+    sock = inherited[0]
+    address = _ip_sockname(sock)
+    for extra in inherited[1:]:
+        log.warning("socket activation passed more than one socket; only the first is used",
+                    extra={"fields": {"listen": address, "closed": _ip_sockname(extra)}})
+        extra.close()
+    if address is not None:
+        check_activated_address(cfg, address)
+    log.info("listening on the socket systemd passed; the listen setting does not apply",
+             extra={"fields": {"listen": address or "unix", "configured": cfg.listen}})
+    return sock
+
+
+def _ip_sockname(sock: socket.socket) -> str | None:
+    """``host:port`` of an IP socket (brackets for IPv6); None for any other family."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def check_activated_address(cfg: Config, address: str) -> None:
+    """Apply ``listen``'s open-proxy guard to the address of a socket systemd passed."""
+    validate_listen_address(dataclasses.replace(
+        cfg, listen=address, source=f"{cfg.source} (socket passed by systemd)"))
 
 
 def run(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
     """Bind (or inherit) the listener, start the workers, supervise until stopped."""
     try:
         sock = open_listener(cfg)
+    except ConfigError as exc:
+        print(f"proxyd: configuration error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"proxyd: cannot listen on {cfg.listen}: {exc.strerror}", file=sys.stderr)
         return 1

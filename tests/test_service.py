@@ -9,6 +9,7 @@ is on a log line, a socket receive, a pid (pidfd) or a process exit, each with a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.client
 import os
@@ -957,6 +958,24 @@ def test_notifier_unit(notify_path):
         assert n.status("x y") and rx.recv(4096) == b"STATUS=x y"
     finally:
         rx.close()
+
+
+def test_activated_socket_gets_the_open_proxy_guard():
+    """A socket unit with ListenStream=0.0.0.0:3128 and no access control must be refused as
+    `listen = "0.0.0.0:3128"` is (found by an operator sweep: it started silently). Checked
+    on the address alone: tests bind only loopback."""
+    from proxyd import config as cfgmod
+    from proxyd.master import check_activated_address
+
+    cfg = cfgmod.load(None)
+    for address in ("0.0.0.0:3128", "[::]:3128", "192.0.2.1:3128"):
+        with pytest.raises(cfgmod.ConfigError, match=r"socket passed by systemd.*not a loopback"):
+            check_activated_address(cfg, address)
+    for address in ("127.0.0.1:3128", "[::1]:3128"):
+        check_activated_address(cfg, address)
+    guarded = dataclasses.replace(cfg, access=dataclasses.replace(
+        cfg.access, allow_clients=("192.0.2.0/24",)))
+    check_activated_address(guarded, "0.0.0.0:3128")
 
 
 def test_listen_fds_unit():
