@@ -611,13 +611,14 @@ def run(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
         print(f"proxyd: configuration error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"proxyd: cannot listen on {cfg.listen}: {exc.strerror}", file=sys.stderr)
+        log.critical("cannot listen", extra={"fields": {"key": "listen", "listen": cfg.listen,
+                                                        "error": exc.strerror}})
         return 1
     try:
         admin = bind_listener(cfg.metrics_listen, cfg.source, backlog=64)
     except OSError as exc:
-        print(f"proxyd: cannot listen on {cfg.metrics_listen} (metrics_listen): {exc.strerror}",
-              file=sys.stderr)
+        log.critical("cannot listen", extra={"fields": {
+            "key": "metrics_listen", "listen": cfg.metrics_listen, "error": exc.strerror}})
         return 1
     master = Master(cfg, sock, loader, admin_sock=admin)
     mhost, mport = admin.getsockname()[:2]
