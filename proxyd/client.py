@@ -20,10 +20,11 @@ from .headers import (MAX_FORWARDS_METHODS, client_response_head, decrement_max_
                       informational_head, max_forwards, upstream_request_head)
 from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, Framing,
                     IncompleteMessage, ParseError, RequestHead, RequestParser, ResponseHead,
-                    chunk_frame, field_values, last_chunk, lower_names)
+                    authenticates_connection, chunk_frame, field_values, last_chunk,
+                    lower_names)
 from .router import redact_userinfo, valid_host_field
 from .tunnel import Tunnel
-from .upstream import UpstreamConnection
+from .upstream import ConnState, UpstreamConnection
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -73,7 +74,7 @@ class ClientConnection(asyncio.Protocol):
         "req", "route", "pool", "upstream", "resp", "out_framing", "req_done", "resp_started",
         "keep_alive", "pending", "pending_size", "body_read", "retained", "retained_size",
         "retried", "reused", "started", "t_conn", "t_head", "bytes_in", "bytes_out", "logged",
-        "fresh")
+        "fresh", "private")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -92,6 +93,9 @@ class ClientConnection(asyncio.Protocol):
         self._corked = False
         self.tunnel: Tunnel | None = None
         self.fresh = False  # counted in worker.fresh_clients (no request begun yet)
+        # An upstream connection authenticated as this client (NTLM, Negotiate): it serves
+        # this client's next request and nobody else's, and closes with this connection.
+        self.private: UpstreamConnection | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -195,6 +199,9 @@ class ClientConnection(asyncio.Protocol):
             # The exchange did not finish: its connection holds a partial message.
             self.upstream = None
             upstream.close("client_aborted")
+        if self.private is not None:
+            self.private.close("private_client_closed")
+            self.private = None
         if self.tunnel is not None and self.t_conn:
             # A tunnel that was established ends when either side closes it: its 200, with
             # the bytes each way (as Squid logs CONNECT).
@@ -321,7 +328,21 @@ class ClientConnection(asyncio.Protocol):
         elif not self._read_body():
             return
         self.deadline = math.inf  # the pool enforces pool_wait
+        if self.private is not None and self._take_private():
+            return
         self.pool.acquire(self)
+
+    def _take_private(self) -> bool:
+        """Run the request on this client's private connection if it can take it (same
+        origin, still open, not past its lifetime); else close that connection."""
+        conn, self.private = self.private, None
+        assert conn is not None
+        if conn.pool is self.pool and conn.state is ConnState.BUSY and not conn.expired(
+                time.monotonic()):
+            self.on_connection(conn, reused=True)
+            return True
+        conn.close("private_other_origin" if conn.pool is not self.pool else "not_reusable")
+        return False
 
     def _check(self, req: RequestHead) -> None:
         """Request-level rules that need no routing decision."""
@@ -624,7 +645,12 @@ class ClientConnection(asyncio.Protocol):
             reusable = conn.finish() and self.req_done and keep
             if conn.reading_paused:
                 conn.resume_reading()
-            self.pool.release(conn, reusable)  # type: ignore[union-attr]
+            if reusable and self.resp is not None and (
+                    conn.private or authenticates_connection(self.req, self.resp)):
+                conn.private = True  # kept for this client only, never pooled again
+                self.private = conn
+            else:
+                self.pool.release(conn, reusable)  # type: ignore[union-attr]
         if not self.req_done:
             # The origin answered before the request body ended (e.g. 413): the rest of the
             # body is unread, so the connection cannot carry another request.

@@ -76,7 +76,8 @@ _PLAIN_RESPONSE = re.compile(
 # fastest scan), on canonical whitespace, so the value is exactly what follows ": ".
 _REQUEST_SPECIAL = re.compile(
     rb"(?i)\r\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
-    rb"|upgrade|proxy-authorization|proxy-authenticate|host|expect|via):[ ]?([^\r]*)")
+    rb"|upgrade|proxy-authorization|proxy-authenticate|host|expect|via|authorization)"
+    rb":[ ]?([^\r]*)")
 # A plain response holds one Content-Length, and may hold Connection: keep-alive or close
 # and Keep-Alive (applied to the pooled connection, not forwarded). Searched in the
 # lower-cased head: names and values come out lower-cased.
@@ -84,6 +85,28 @@ _RESPONSE_SPECIAL = re.compile(
     rb"\n(content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
     rb"|upgrade|proxy-authorization|proxy-authenticate|host):[ ]?([^\r]*)")
 _MAX_CHUNK_SIZE = 1 << 62
+# The schemes that authenticate a connection rather than a request: NTLM and Negotiate
+# (RFC 4559 §4: "the connection ... is authenticated"). Scheme names are case-insensitive
+# (RFC 9110 §11.1).
+_CONNECTION_AUTH = re.compile(rb"(?i)(?:ntlm|negotiate)(?:[ \t]|$)")
+# ... and in a WWW-Authenticate challenge list, as one of its challenges.
+_CONNECTION_CHALLENGE = re.compile(rb"(?i)(?:^|,)[ \t]*(?:ntlm|negotiate)(?:[ \t,]|$)")
+
+
+def authenticates_connection(req: RequestHead, resp: ResponseHead) -> bool:
+    """True when this exchange ties the origin's connection to the client: the request
+    carries NTLM or Negotiate credentials, or the response challenges for them (the next
+    request of the handshake must come on the same connection). Such a connection must never
+    serve another client: it is authenticated as this one (HAProxy marks it private too)."""
+    if not req.plain and b"authorization" in req.lnames:
+        for name, value in req.headers:
+            if name.lower() == b"authorization" and _CONNECTION_AUTH.match(value):
+                return True
+    if resp.status == 401:
+        for name, value in resp.headers:
+            if name.lower() == b"www-authenticate" and _CONNECTION_CHALLENGE.search(value):
+                return True
+    return False
 # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request-line.
 _MAX_LEADING_CRLF = 8
 # The empty line that ends a head whose lines may end with LF alone (responses only), and
@@ -868,6 +891,9 @@ class RequestParser(_Parser):
                 hop_lines = True
             elif name == b"proxy-connection" or name == b"keep-alive":
                 hop_lines = True  # hop-by-hop (curl sends Proxy-Connection to proxies)
+            elif name == b"authorization":
+                if _CONNECTION_AUTH.match(value):
+                    return None  # NTLM/Negotiate pin the upstream connection: general path
             else:
                 return None  # framing, TE, Upgrade, Expect, Via, auth, a second Host
         if host is None:

@@ -64,7 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "transport", "parser", "state", "exchange", "created", "idle_since",
                  "requests", "ttl", "max_requests", "close_reason", "writing_paused",
-                 "reading_paused", "from_idle")
+                 "reading_paused", "from_idle", "private")
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -73,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = ConnState.IDLE
         self.exchange: Exchange | None = None
         self.created = time.monotonic()
+        self.private = False  # authenticated as one client: never handed to another
         self.idle_since = self.created
         self.requests = 0
         self.ttl = pool.settings.idle_ttl

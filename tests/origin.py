@@ -426,6 +426,8 @@ class _ConnHandler:
         self.sock = sock
         self.rec = rec
         self.buf = bytearray()
+        self.ntlm_challenged = False  # ep_ntlm: the connection's authentication state
+        self.ntlm_user = ""
 
     # -- reading -------------------------------------------------------------------
 
@@ -696,6 +698,23 @@ class _ConnHandler:
         for c in pattern_chunks(n, chunk):
             r.write_raw(b"%x\r\n" % len(c) + bytes(c) + b"\r\n")
         r.write_raw(b"0\r\n" + (b"X-Origin-Trailer: done\r\n" if trailers else b"") + b"\r\n")
+
+    def ep_ntlm(self, r, req, args, qs, body):
+        """A resource behind connection-oriented authentication, shaped like NTLM (RFC 4559's
+        Negotiate alike): ``NTLM type1`` is challenged with a 401, ``NTLM type3-<user>`` on
+        the same connection authenticates the *connection* as <user>; later requests on it
+        need no credentials. Anyone else gets the 401 that starts the handshake."""
+        scheme, _, token = (req.header("Authorization") or "").partition(" ")
+        if scheme.lower() == "ntlm" and token.startswith("type3-") and self.ntlm_challenged:
+            self.ntlm_user = token[len("type3-"):]
+        if self.ntlm_user:
+            r.simple(200, f"hello {self.ntlm_user}\n".encode())
+            return
+        self.ntlm_challenged = scheme.lower() == "ntlm" and token == "type1"
+        challenge = "NTLM type2" if self.ntlm_challenged else "NTLM"
+        r.start(401, [("Content-Type", "text/plain"), ("Content-Length", "4"),
+                      ("WWW-Authenticate", challenge)])
+        r.write(b"who\n")
 
     def ep_close(self, r, req, args, qs, body):
         n = int(args[0])

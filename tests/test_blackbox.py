@@ -258,6 +258,42 @@ def test_upstream_connection_reused_across_requests(proxyd, tls_origin):
     assert {r.conn_id for r in o.requests} == {0}
 
 
+@pytest.mark.parametrize("preemptive", [False, True], ids=["challenged", "preemptive"])
+def test_connection_authenticated_upstream_is_never_given_to_another_client(
+        proxyd, tls_origin, preemptive):
+    """NTLM and Negotiate authenticate the connection, not the request (RFC 4559): after
+    alice's handshake the upstream connection *is* alice. Found by a QA sweep: the pool handed
+    it to the next client, who was served as alice. It stays with alice's client connection
+    (her later requests run on it without credentials), no other client ever gets it, and it
+    closes when her connection does — HAProxy's private connections."""
+    o = tls_origin
+    p = proxyd(workers=1, origins=[o.authority], warm=1)
+    url = o.url("/ntlm")
+    alice = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    steps = ([("NTLM type1", 401), ("NTLM type3-alice", 200)] if preemptive else
+             [(None, 401), ("NTLM type1", 401), ("NTLM type3-alice", 200)])
+    for auth, want in steps:
+        alice.request("GET", url, headers={"Authorization": auth} if auth else {})
+        r = alice.getresponse()
+        body = r.read()
+        assert r.status == want, (auth, r.status, body)
+    assert body == b"hello alice\n"
+    alice_conn = o.requests[-1].conn_id
+    # alice's next request needs no credentials: it runs on her connection
+    alice.request("GET", url)
+    r = alice.getresponse()
+    assert (r.status, r.read()) == (200, b"hello alice\n")
+    assert o.requests[-1].conn_id == alice_conn
+    # bob, on another client connection, while alice's is still open and idle
+    for _ in range(3):
+        r, body = get(p.port, url)
+        assert r.status == 401 and b"alice" not in body, (r.status, body)
+        assert o.requests[-1].conn_id != alice_conn
+    alice.close()
+    assert o.wait_for(lambda: o.connections[alice_conn].closed, 5), \
+        "alice's authenticated connection outlived her client connection"
+
+
 def test_new_upstream_connections_resume_the_tls_session(proxyd, tls_origin):
     """With max_requests = 1 every request needs a new connection; after the first, each
     resumes the TLS session of a connection already open (no certificate exchange)."""

@@ -25,6 +25,7 @@ import pytest
 
 from proxyd.errors import ParseError
 from proxyd.http1 import (
+    authenticates_connection,
     CLOSED,
     NEED_DATA,
     PAUSED,
@@ -1426,3 +1427,38 @@ def test_plain_response_path_takes_only_heads_without_special_fields(data, plain
     p.feed(data)
     head, _ = p.whole_response()
     assert head.plain is plain
+
+
+@pytest.mark.parametrize("auth, plain", [
+    (b"Bearer abc", True), (b"Basic dXNlcjpwdw==", True),
+    (b"NTLM TlRMTVNTUAABAAAA", False), (b"negotiate YIIG", False), (b"NTLMx y", True),
+])
+def test_connection_auth_requests_leave_the_plain_path(auth, plain):
+    """NTLM/Negotiate credentials pin the upstream connection to the client (the general
+    path checks them); other schemes keep a request plain."""
+    data = b"GET " + T + b" HTTP/1.1\r\nHost: h\r\nAuthorization: " + auth + b"\r\n\r\n"
+    req = RequestParser().take_plain(data)
+    assert (req is not None) == plain
+
+
+@pytest.mark.parametrize("auth, challenge, status, private", [
+    (None, b"NTLM", 401, True),
+    (None, b"Basic realm=\"x\", Negotiate", 401, True),
+    (None, b"Basic realm=\"NTLM\"", 401, False),  # a realm, not a scheme
+    (None, b"Bearer", 401, False),
+    (b"NTLM TlRMTVNT", None, 200, True),
+    (b"Negotiate YIIG", b"Negotiate oYG", 200, True),  # Kerberos mutual authentication
+    (b"Bearer x", None, 200, False),
+    (None, b"NTLM", 200, False),  # only a 401 challenges
+])
+def test_authenticates_connection(auth, challenge, status, private):
+    p = RequestParser()
+    p.feed(b"GET " + T + b" HTTP/1.1\r\nHost: h\r\nX: 1\r\n"
+           + (b"Authorization: " + auth + b"\r\n" if auth else b"") + b"\r\n")
+    req = p.next_event()
+    r = ResponseParser()
+    r.expect(b"GET")
+    r.feed(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n" % status
+           + (b"WWW-Authenticate: " + challenge + b"\r\n" if challenge else b"") + b"\r\n")
+    resp = r.next_event()
+    assert authenticates_connection(req, resp) is private
