@@ -579,6 +579,10 @@ class ClientConnection(asyncio.Protocol):
             elif req.version >= 11:
                 # RFC 9110 §15.2: forward 1xx (100 Continue, 103 Early Hints) to 1.1 clients.
                 self._send(informational_head(head, self.worker.via(head.version)))
+            if self.req_done:
+                # An interim response shows the origin at work (102 Processing is for that):
+                # the wait for the final one starts again, as nginx's proxy_read_timeout.
+                self.deadline = time.monotonic() + self.worker.timeouts.response_head
             return
         self._send(self._final_head(head, req))
         self.deadline = self.t_head + self.worker.timeouts.body_idle  # the body's first bytes

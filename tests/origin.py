@@ -765,6 +765,18 @@ class _ConnHandler:
         self.srv._stop.wait(delay)  # a deliberate delay, cut short when the origin stops
         r.simple(200, b"slow\n")
 
+    def ep_processing(self, r, req, args, qs, body):
+        """``/processing/<n>/<interval>``: n ``102 Processing`` interim responses, one every
+        interval seconds, then a 200 (a long operation that shows it is alive)."""
+        n, interval = int(args[0]), float(args[1])
+        for _ in body:
+            pass
+        for _ in range(n):
+            self.srv._stop.wait(interval)  # deliberate pacing, cut short when the origin stops
+            self.send(b"HTTP/1.1 102 Processing\r\n\r\n")
+        self.srv._stop.wait(interval)
+        r.simple(200, b"done\n")
+
     def ep_stall_read(self, r, req, args, qs, body):
         """An origin that stops reading: none of the body is read for SECONDS."""
         self.srv._stop.wait(float(args[0]))

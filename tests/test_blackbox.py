@@ -654,6 +654,23 @@ def test_untrusted_certificate(proxyd, origin_factory):
     assert o.handshakes == 0 and o.total_app_bytes() == 0 and not o.requests
 
 
+def test_interim_responses_restart_the_response_head_timeout(proxyd, tls_origin):
+    """102 Processing exists to show a long request is alive: each interim response starts
+    the wait for the final one again (nginx's proxy_read_timeout and HAProxy's timeout server
+    measure silence too). Found by a QA sweep: 504 after response_head in total."""
+    o = tls_origin
+    p = proxyd(origins=[o.authority], warm=1, config={"timeouts": {"response_head": 1.0}})
+    t0 = time.monotonic()
+    c = Raw(p.port)
+    c.send(f"GET {o.url('/processing/5/0.4')} HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+    r = c.response()  # 2.4 s in all, never 1 s silent
+    c.close()
+    assert (r.status, r.body, len(r.interim)) == (200, b"done\n", 5), (r.status, r.body)
+    assert time.monotonic() - t0 >= 2.0
+    r, body = get(p.port, o.url("/slow-head/2.5"))  # silence still times out
+    assert_proxy_error(r, body, 504, "http_response_timeout")
+
+
 def test_wrong_host_certificate(proxyd, origin_factory):
     o = origin_factory(identities=("localhost",))  # trusted CA, but not valid for 127.0.0.1
     p = proxyd()
