@@ -16,6 +16,7 @@ from .errors import ParseError, ProxyError
 
 # RFC 3986 §3.2.2 reg-name (unreserved / pct-encoded / sub-delims), kept to DNS-ish names.
 _REG_NAME = re.compile(r"[A-Za-z0-9\-._~%!$&'()*+,;=]+")
+_DNS_NAME = re.compile(r"[A-Za-z0-9\-._]+")  # what a resolver is given (underscore: seen in use)
 # absolute-form: scheme "://" authority path-abempty [ "?" query ] (RFC 3986 §3)
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.S)
 # The usual target in one match: http(s), an authority, a path without a fragment.
@@ -83,6 +84,12 @@ def split_authority(authority: str) -> tuple[str, int | None]:
         rest = colon + rest
         if not host or _REG_NAME.fullmatch(host) is None:
             raise ParseError("invalid host in authority")
+        if _DNS_NAME.fullmatch(host) is None:
+            # RFC 3986 §3.2.2 lets a reg-name hold percent-encoding and sub-delims, which no
+            # resolver takes: a 400 that says so (as nginx and HAProxy answer), not a 502 that
+            # blames DNS for the client's spelling.
+            raise ParseError("host name must be letters, digits, '-', '_' and '.' "
+                             "(percent-encoded and other characters are not resolved)")
     if rest:
         digits = rest[1:]
         if (not rest.startswith(":") or not digits.isascii() or not digits.isdigit()

@@ -774,6 +774,14 @@ def test_split_authority(authority, expected):
     assert split_authority(authority) == expected
 
 
+@pytest.mark.parametrize("authority", ["local%68ost", "a,b", "a;b:80", "x~y", "a!b", "h$"])
+def test_split_authority_refuses_names_no_resolver_takes(authority):
+    """Valid reg-names (RFC 3986 §3.2.2) that are no DNS name: 400, as nginx and HAProxy
+    answer, not a 502 dns_error that blames the origin (found by a QA sweep)."""
+    with pytest.raises(ParseError, match="host name must be"):
+        split_authority(authority)
+
+
 
 # ============================================================================================
 # Plain heads are forwarded from the bytes as received: the result must be byte for byte what
