@@ -305,6 +305,10 @@ class ClientConnection(asyncio.Protocol):
                 self.tunnel = Tunnel(self, host, port)
                 self.tunnel.start(self.parser.take_buffered())
                 return
+            if req.target == b"*" and req.method == b"OPTIONS" and not worker.router.has_default:
+                # RFC 9110 §9.3.7: "OPTIONS *" asks about the server it is sent to: here.
+                self._answer_here(req, b"OPTIONS * is about proxyd itself")
+                return
             route = worker.router.route(req.method, req.target)
             host = req.plain_host if req.plain else req.get(b"host")
             if host != route.host_header and host is not None and not valid_host_field(host):
@@ -377,11 +381,15 @@ class ClientConnection(asyncio.Protocol):
         if hops:
             decrement_max_forwards(req, hops)
             return False
+        self._answer_here(req)
+        return True
+
+    def _answer_here(self, req: RequestHead, *why: bytes) -> None:
+        """Answer a TRACE or OPTIONS of which proxyd is the final recipient."""
         self._end_early()
         self._log(200, "")
-        self._send(final_recipient_response(req, self.keep_alive))
+        self._send(final_recipient_response(req, self.keep_alive, *why))
         self._finish_or_close()
-        return True
 
     def _fail_early(self, exc: errors.ProxyError) -> None:
         """An error before anything went upstream; the request body (if any) is unread."""

@@ -83,9 +83,11 @@ def decrement_max_forwards(req: RequestHead, hops: int) -> None:
     req.raw_block = b""
 
 
-def final_recipient_response(req: RequestHead, keep_alive: bool) -> bytes:
-    """The answer to a TRACE or OPTIONS whose Max-Forwards reached 0 here: proxyd is its
-    final recipient (RFC 9110 §7.6.2). TRACE reflects the request as ``message/http``
+def final_recipient_response(req: RequestHead, keep_alive: bool,
+                             why: bytes = b"Max-Forwards is 0: answered by the proxy") -> bytes:
+    """The answer to a TRACE or OPTIONS of which proxyd is the final recipient: its
+    Max-Forwards reached 0 here (RFC 9110 §7.6.2), or it is ``OPTIONS *`` with no default
+    origin (§9.3.7: about the server itself). TRACE reflects the request as ``message/http``
     without the fields that may hold credentials (§9.3.8); OPTIONS gets an empty 200."""
     body = b""
     headers: Headers = [(b"Date", http_date())]
@@ -96,7 +98,7 @@ def final_recipient_response(req: RequestHead, keep_alive: bool) -> bytes:
         headers.append((b"Content-Type", b"message/http"))
     headers += [
         (b"Content-Length", b"%d" % len(body)),
-        (b"Proxy-Status", b'proxyd; details="Max-Forwards is 0: answered by the proxy"'),
+        (b"Proxy-Status", b'proxyd; details="%s"' % why),
         (b"Connection", b"keep-alive" if keep_alive else b"close"),
     ]
     return serialize_head(b"HTTP/1.1 200 OK", headers) + body

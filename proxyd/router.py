@@ -135,6 +135,11 @@ class Router:
         if cfg.default_origin:
             self._default = split_authority(cfg.default_origin)
 
+    @property
+    def has_default(self) -> bool:
+        """True when origin-form requests go to a configured ``default_origin``."""
+        return self._default is not None
+
     def route(self, method: bytes, target: bytes) -> Route:
         """Route a non-CONNECT request; raises :class:`ProxyError` with a clear reason."""
         if target[:1] == b"/" or target == b"*":

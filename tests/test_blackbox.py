@@ -406,6 +406,23 @@ def test_max_forwards_zero_is_answered_by_the_proxy(proxyd, tls_origin, method):
     assert [r.target for r in o.requests] == ["/bytes/5"]
 
 
+@pytest.mark.parametrize("max_forwards", ["", "Max-Forwards: 0\r\n"])
+def test_options_asterisk_is_answered_by_the_proxy(proxyd, tls_origin, max_forwards):
+    """RFC 9110 §9.3.7: OPTIONS * asks about the server it is sent to, so without a
+    default_origin proxyd answers it (with Max-Forwards 0 it MUST, §7.6.2); it was a 400
+    telling the client to send absolute-form. GET * stays a 400."""
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port) as c:
+        c.send(f"OPTIONS * HTTP/1.1\r\nHost: {o.authority}\r\n{max_forwards}\r\n")
+        r = c.response("OPTIONS")
+        assert (r.status, r.body) == (200, b""), (r.raw_head, r.body)
+        assert "OPTIONS *" in proxy_status(r)
+        c.send(f"GET * HTTP/1.1\r\nHost: {o.authority}\r\n\r\n")
+        assert c.response().status == 400
+    assert not o.requests
+
+
 def test_max_forwards_is_decremented(proxyd, tls_origin):
     """RFC 9110 §7.6.2: a non-zero Max-Forwards is forwarded one less."""
     o = tls_origin
