@@ -108,7 +108,8 @@ class Master:
         self.worker_restarts = 0
         self._last_status = 0.0
         self._last_watchdog = 0.0
-        self._status_requests = (0.0, 0.0)  # (time, requests) at the last STATUS
+        self._status_requests = (0.0, 0.0)  # (time, requests) at the last rate sample
+        self._request_rate = 0.0  # req/s between the last two samples (every _STATUS_EVERY)
         self._wake_r, self._wake_w = os.pipe()
 
     @property
@@ -354,6 +355,7 @@ class Master:
     def _notify_periodic(self, now: float) -> None:
         if now - self._last_status >= _STATUS_EVERY:
             self._last_status = now
+            self._sample_rate(now)
             self.notify.status(self.status_line())
         interval = self.notify.watchdog_interval
         if interval and now - self._last_watchdog >= interval and self._all_heartbeating(now):
@@ -393,13 +395,18 @@ class Master:
         return MetricsView(totals, gauges, len(self.current()), self.worker_restarts,
                            self.reloads_ok, self.reloads_failed, self.last_reload_success)
 
-    def status_line(self) -> str:
-        """One-line summary for systemd's STATUS=."""
-        t = collections.defaultdict(float, self.totals().get("counters", {}))  # type: ignore[arg-type]
-        now = time.monotonic()
+    def _sample_rate(self, now: float) -> None:
+        """The request rate over the last _STATUS_EVERY seconds. Sampled on the master's
+        clock only, so that reading /status does not shorten systemd's STATUS= window."""
+        requests = float(self.totals().get("counters", {}).get("requests", 0))  # type: ignore[union-attr]
         then, before = self._status_requests
-        rate = (t["requests"] - before) / (now - then) if then and now > then else 0.0
-        self._status_requests = (now, t["requests"])
+        self._request_rate = (requests - before) / (now - then) if then and now > then else 0.0
+        self._status_requests = (now, requests)
+
+    def status_line(self) -> str:
+        """One-line summary for systemd's STATUS= and /status."""
+        t = collections.defaultdict(float, self.totals().get("counters", {}))  # type: ignore[arg-type]
+        rate = self._request_rate
         served = t["warm_hits"] + t["pool_misses"]
         hit = f"{100 * t['warm_hits'] / served:.1f}%" if served else "n/a"
         return (f"{len(self.current())} workers, {rate:.0f} req/s, warm hit {hit}, "
