@@ -850,7 +850,8 @@ class ClientConnection(asyncio.Protocol):
         the connection."""
         if self.busy() and self.state is not ClientState.CLOSED:
             self._log(self._status_so_far(), "shutdown_timeout")
-        if self.transport is not None:
+            self._reset()  # a cut response (close-delimited above all) must not end in FIN
+        elif self.transport is not None:
             self.transport.abort()
 
     def _reset(self) -> None:

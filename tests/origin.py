@@ -789,8 +789,12 @@ class _ConnHandler:
         steps = max(1, int(qs.get("steps", ["20"])[0]))
         for _ in body:
             pass
-        r.start(200, [("Content-Type", "application/octet-stream"),
-                      ("Content-Length", str(size))])
+        if qs.get("framing", [""])[0] == "close":  # ended by the close, no Content-Length
+            r.keep = False
+            r.start(200, [("Content-Type", "application/octet-stream")])
+        else:
+            r.start(200, [("Content-Type", "application/octet-stream"),
+                          ("Content-Length", str(size))])
         if r.head_only:
             return
         sent = 0

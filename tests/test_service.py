@@ -553,6 +553,33 @@ def test_sigterm_shutdown_timeout_forces_exit(proxyd, tls_origin):
         p.stderr_text()[-2000:]
 
 
+def test_close_delimited_body_cut_by_the_shutdown_timeout_ends_in_a_reset(proxyd, tls_origin):
+    """An HTTP/1.0 client's body has no framing but the close: cut by the shutdown timeout,
+    it must end in a RST, not the FIN that means "complete" (found by a chaos sweep: the
+    client kept 2 MB of 3 MiB as the whole body). Other cuts already reset."""
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
+               config={"timeouts": {"shutdown": 1}})
+    c = socket.create_connection(("127.0.0.1", p.port), timeout=IO_TIMEOUT)
+    try:
+        c.sendall(f"GET {tls_origin.url('/slow-body/6?size=60000&steps=60&framing=close')} "
+                  f"HTTP/1.0\r\nHost: {tls_origin.authority}\r\n\r\n".encode())
+        f = c.makefile("rb")
+        head = read_response_head(f)
+        assert head.status == 200 and head.header("Content-Length") is None, head.raw_head
+        assert f.read1(65536), "no body bytes before the stop"
+        p.proc.send_signal(signal.SIGTERM)
+        got, error = 0, None
+        try:
+            while data := f.read1(65536):
+                got += len(data)
+        except ConnectionResetError as exc:
+            error = exc
+        assert error is not None, f"the cut body ended in a FIN after {got} more bytes"
+    finally:
+        c.close()
+    assert wait_exit(p, 6) is not None
+
+
 @pytest.mark.parametrize("how", ["second-sigterm", "sigquit"])
 def test_forced_stop_is_prompt(proxyd, tls_origin, how):
     seconds, size = 10.0, 10000
