@@ -832,6 +832,12 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     transport.close()
 
+    def quiet_since(self) -> float:
+        """Between requests: when this connection opened or its last exchange ended."""
+        if not self.exchanges:
+            return self.opened
+        return self.deadline - self.worker.timeouts.client_idle  # set by _finish
+
     def busy(self) -> bool:
         """True while an exchange or a tunnel is in progress (not between requests)."""
         return self.tunnel is not None or (self.req is not None

@@ -41,7 +41,7 @@ _STATS_EVERY = 1.0    # seconds between stats reports to the master
 # first ones wait for their requests to be read: the after-idle WAN burst of bench/run went
 # from 1.4 to 2.0 RTT).
 _ACCEPT_BATCH = 1
-_FRESH_GRACE = 1.0    # seconds a silent new connection may still send a request when draining
+_DRAIN_GRACE = 1.0    # seconds a quiet connection may still send a request when draining
 # How long a worker leaves new connections to the others when its warm pools are spoken for
 # (see _has_warm_capacity): about one round trip to the origins, estimated from the warm
 # connections' TLS handshakes, within these bounds; then it accepts anyway and the request
@@ -386,12 +386,15 @@ class Worker:
         self._accept_queued()
         deadline = time.monotonic() + self.timeouts.shutdown
         while time.monotonic() < deadline:
+            now = time.monotonic()
             for client in list(self.clients):
-                # Close keep-alive connections between requests. A new connection that has
-                # not sent its first request yet gets a short grace to send it: closing it
-                # at once would reset a client that just connected.
+                # Close connections between requests once they have been quiet for a moment.
+                # Closing at once would race with a request already on its way (a new
+                # connection's first, or a keep-alive client's next: about 60 failed requests
+                # per reload in a chaos run); within the grace the request is answered, with
+                # Connection: close (HAProxy's idle-close-on-response).
                 if (client.state is ClientState.HEAD and not client.head_started
-                        and (client.exchanges or time.monotonic() - client.opened > _FRESH_GRACE)):
+                        and now - client.quiet_since() > _DRAIN_GRACE):
                     client.check_deadline(float("inf"))
             if not self.clients:
                 break
