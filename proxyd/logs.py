@@ -24,7 +24,8 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 def stderr_is_journal(environ: dict[str, str] | None = None) -> bool:
     """True when stderr is connected to journald: systemd then sets ``JOURNAL_STREAM`` to the
     device and inode of that stream (systemd.exec(5))."""
-    dev, _, ino = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "").partition(":")
+    env = os.environ if environ is None else environ
+    dev, _, ino = env.get("JOURNAL_STREAM", "").partition(":")
     if not (dev.isdigit() and ino.isdigit()):
         return False
     try:
