@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .admin import AdminServer
@@ -86,6 +86,8 @@ class Master:
         self.admin = AdminServer(admin_sock, self._admin) if admin_sock is not None else None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxydCollector(self.metrics_view))
+        # The master's own process_* family (the workers': proxyd_worker_* above).
+        ProcessCollector(registry=self.registry)
         self.last_reload_success = time.time()
         self.loader = loader
         self.notify = notifier or Notifier()

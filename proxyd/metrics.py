@@ -308,6 +308,14 @@ def _process_metrics(v: MetricsView) -> Iterator[Any]:
         waiting.add_metric([label], pool.get("waiting", 0))
     yield upstream
     yield waiting
+    cpu = _counter("proxyd_worker_cpu_seconds",
+                   "CPU time (user and system) of the workers, the exited ones included.", [])
+    cpu.add_metric([], counters.get("cpu_seconds", 0.0))
+    yield cpu
+    rss = GaugeMetricFamily("proxyd_worker_resident_memory_bytes",
+                            "Resident memory of the serving workers, summed.")
+    rss.add_metric([], v.gauges.get("resident_memory_bytes", 0))
+    yield rss
     workers = GaugeMetricFamily("proxyd_workers", "Worker processes serving.")
     workers.add_metric([], v.workers)
     yield workers

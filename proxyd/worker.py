@@ -375,8 +375,12 @@ class Worker:
             merge(pools.setdefault(label, {}), pool.gauges())
             if pool.last_error:
                 recent[str(pool.key)] = pool.last_error
-        self._report({"event": "stats", "pid": os.getpid(), **self.stats.snapshot(),
-                      "gauges": {"client_connections": len(self.clients), "pools": pools},
+        snapshot = self.stats.snapshot()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        snapshot["counters"]["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+        self._report({"event": "stats", "pid": os.getpid(), **snapshot,
+                      "gauges": {"client_connections": len(self.clients), "pools": pools,
+                                 "resident_memory_bytes": _resident_bytes()},
                       "recent_errors": recent})
 
     async def _drain(self) -> None:
@@ -465,6 +469,18 @@ def _raise_fd_limit(clients: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < clients + 256:
         log.warning("open-files limit %d is below limits.client_connections (%d) + 256; "
                     "raise LimitNOFILE / ulimit -n or lower the limit", soft, clients)
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident_bytes() -> int:
+    """This process's resident set now (proc(5): statm's second field, in pages)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def worker_main(cfg: Config, listen_sock: socket.socket, report_fd: int | None) -> int:

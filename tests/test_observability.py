@@ -78,11 +78,14 @@ SPEC = {
     "proxyd_upstream_connections": ("gauge", {"origin", "state"}),
     "proxyd_pool_waiting": ("gauge", {"origin"}),
     "proxyd_workers": ("gauge", set()),
+    "proxyd_worker_cpu_seconds_total": ("counter", set()),
+    "proxyd_worker_resident_memory_bytes": ("gauge", set()),
     "proxyd_config_last_reload_success_timestamp_seconds": ("gauge", set()),
     "proxyd_build_info": ("gauge", {"version", "python"}),
 }
 CLOSE_REASONS = {"idle_ttl", "origin_closed", "max_requests", "lifetime", "error",
-                 "client_aborted", "not_reusable", "unexpected_data", "pool_closed"}
+                 "client_aborted", "not_reusable", "unexpected_data", "pool_closed",
+                 "private_client_closed", "private_other_origin"}
 PROXY_STATUS_ERRORS = {  # RFC 9209 §2.3 error types
     "dns_timeout", "dns_error", "destination_not_found", "destination_unavailable",
     "destination_ip_prohibited", "destination_ip_unroutable", "connection_refused",
@@ -678,6 +681,10 @@ def test_counters_survive_worker_kill(proxyd, tls_origin):
     before = set(p.worker_pids())
     assert len(before) == 2, before
     victim = min(before)
+    text = scrape(p)
+    cpu0 = metric_sum(text, "proxyd_worker_cpu_seconds_total")
+    assert cpu0 and cpu0 > 0, text
+    assert (metric_sum(text, "proxyd_worker_resident_memory_bytes") or 0) > 2 * (8 << 20)
 
     seen, errors = [s0], []
     stop = threading.Event()
@@ -713,6 +720,8 @@ def test_counters_survive_worker_kill(proxyd, tls_origin):
     text = scrape(p)
     assert (metric_sum(text, "proxyd_worker_restarts_total") or 0) >= 1, \
         "proxyd_worker_restarts_total did not count the killed worker"
+    # the killed worker's CPU time stays in the total (its last report)
+    assert metric_sum(text, "proxyd_worker_cpu_seconds_total") >= cpu0
     assert wait_until(lambda: metric_sum(scrape(p), "proxyd_workers") == 2, 10), \
         metric_sum(scrape(p), "proxyd_workers")
 
