@@ -6,6 +6,7 @@ whose message names the dotted key and the file, so a typo never silently keeps 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import ipaddress
 import os
@@ -230,12 +231,27 @@ def load(path: str | None) -> Config:
         return cfg
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(_decode(raw, path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return from_mapping(data, path)
+
+
+def _decode(raw: bytes, path: str) -> str:
+    """The text of a TOML file: UTF-8 (TOML v1.0.0), after an optional byte order mark."""
+    # Some editors start UTF-8 files with a BOM; TOML does not allow one, but it is harmless.
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise ConfigError(f"{path}: not valid UTF-8: byte 0x{raw[offset]:02x} at offset "
+                          f"{offset} (line {line}); TOML files are UTF-8") from None
 
 
 def parse_hostport(value: str, default_port: int, key: str, source: str) -> tuple[str, int]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_proxyd
 from proxyd import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,4 +69,26 @@ def test_ca_file_that_is_a_directory_says_so(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(f'[tls]\nca_file = "{tmp_path}"\n')
     with pytest.raises(config.ConfigError, match="tls.ca_file: .* is a directory"):
+        config.load(str(path))
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error_with_the_offset(tmp_path):
+    """TOML v1.0.0 files are UTF-8: a Latin-1 byte is a clear error (exit 2), no traceback."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'# ok\nvia = "caf\xe9"\n')
+    with pytest.raises(config.ConfigError, match=r"latin1\.toml: not valid UTF-8: byte 0xe9 "
+                                                 r"at offset 15 \(line 2\)"):
+        config.load(str(path))
+    r = run_proxyd("check", "--config", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"proxyd: configuration error: {path}: not valid UTF-8"), r.stderr
+
+
+def test_a_leading_utf8_bom_is_skipped(tmp_path):
+    """Some editors start UTF-8 files with a BOM; it is not TOML, but harmless."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbfworkers = 3\n')
+    assert config.load(str(path)).workers == 3
+    path.write_bytes(b'\xef\xbb\xbfvia = "\xff"\n')  # offsets still count the BOM
+    with pytest.raises(config.ConfigError, match=r"byte 0xff at offset 10 \(line 1\)"):
         config.load(str(path))
