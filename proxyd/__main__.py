@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> config.Config:
     """The effective configuration: defaults < file < flags."""
+    if args.config == "":
+        # Typically an unset variable (--config "$CONF"): running on the built-in defaults
+        # instead of the intended file would hide the mistake.
+        raise config.ConfigError("--config: empty path")
     cfg = config.load(args.config)
     return config.apply_flags(
         cfg, listen=args.listen, metrics_listen=args.metrics_listen, workers=args.workers,

@@ -225,7 +225,7 @@ def from_mapping(data: dict[str, Any], source: str) -> Config:
 
 def load(path: str | None) -> Config:
     """Load ``path`` (TOML) over the embedded defaults; None means defaults only."""
-    if not path:
+    if path is None:
         cfg = Config()
         validate(cfg)
         return cfg

@@ -92,3 +92,10 @@ def test_a_leading_utf8_bom_is_skipped(tmp_path):
     path.write_bytes(b'\xef\xbb\xbfvia = "\xff"\n')  # offsets still count the BOM
     with pytest.raises(config.ConfigError, match=r"byte 0xff at offset 10 \(line 1\)"):
         config.load(str(path))
+
+
+def test_empty_config_path_is_an_error_not_the_defaults(capsys):
+    """``--config ""`` (an unset variable in a unit file) must not quietly mean no file."""
+    from proxyd.__main__ import main
+    assert main(["check", "--config", ""]) == 2
+    assert capsys.readouterr().err == "proxyd: configuration error: --config: empty path\n"
