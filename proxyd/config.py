@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import ssl
@@ -149,13 +150,22 @@ _SECTIONS: dict[str, type] = {
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # RFC 9110 §7.6.3: received-by = pseudonym [ ":" port ], pseudonym = token.
 _VIA_RECEIVED_BY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[0-9]+)?")
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
 
 
 def _check_type(key: str, value: Any, typ: Any, source: str) -> Any:
     """Return ``value`` converted to ``typ`` or raise an error naming ``key``."""
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+    if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+        # TOML v1.0.0 integers are 64-bit; tomllib returns any size (10**400 too).
+        raise ConfigError(f"{source}: {key}: integer out of range (TOML integers are 64-bit)")
+    if typ is float and type(value) is int:
         return float(value)
+    if typ is float and type(value) is float and not math.isfinite(value):
+        # Every float here is a duration. NaN compares false with everything (so a "<= 0"
+        # check lets it through and the wait then fails at once); inf would switch off a
+        # bound, and every wait has one. A huge finite value is accepted.
+        raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
     if typ in (int, float, str, bool):
         if type(value) is not typ:
             raise ConfigError(f"{source}: {key}: expected {typ.__name__}, "
@@ -351,9 +361,15 @@ def _check_ca_file(path: str, src: str) -> None:
 
 def _validate_positive(section: Any, name: str, src: str) -> None:
     for f in fields(section):
-        value = getattr(section, f.name)
-        if isinstance(value, (int, float)) and value <= 0:
-            raise ConfigError(f"{src}: {name}.{f.name}: must be greater than 0")
+        _check_positive(getattr(section, f.name), f"{name}.{f.name}", src)
+
+
+def _check_positive(value: int | float, key: str, src: str) -> None:
+    """A count or a duration: greater than 0, and finite (also for Configs built in code)."""
+    if isinstance(value, float) and not (value > 0 and math.isfinite(value)):  # NaN fails
+        raise ConfigError(f"{src}: {key}: must be a finite number greater than 0, got {value!r}")
+    if not value > 0:
+        raise ConfigError(f"{src}: {key}: must be greater than 0")
 
 
 def _validate_pool(section: Any, name: str, src: str) -> None:
@@ -364,8 +380,7 @@ def _validate_pool(section: Any, name: str, src: str) -> None:
     if section.warm > section.max_connections:
         raise ConfigError(f"{src}: {name}.warm: larger than max_connections")
     for key in ("idle_ttl", "lifetime"):
-        if getattr(section, key) <= 0:
-            raise ConfigError(f"{src}: {name}.{key}: must be greater than 0")
+        _check_positive(getattr(section, key), f"{name}.{key}", src)
     if section.max_requests < 1:
         raise ConfigError(f"{src}: {name}.max_requests: must be at least 1")
 

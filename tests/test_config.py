@@ -51,6 +51,17 @@ def test_flags_override_file_which_overrides_defaults(tmp_path):
     ("via = \"\"\n", "via"),
     ("via = \"two words\"\n", "via"),
     ("via = \"a,b\"\n", "via"),
+    # NaN compares false with everything, so "<= 0" let it through (then every request 504s)
+    ("[timeouts]\nconnect = nan\n", "timeouts.connect"),
+    ("[timeouts]\nshutdown = -nan\n", "timeouts.shutdown"),
+    ("[timeouts]\nresponse_head = inf\n", "timeouts.response_head"),  # every wait has one
+    ("[pool]\nidle_ttl = nan\n", "pool.idle_ttl"),
+    ("[pool]\nlifetime = inf\n", "pool.lifetime"),
+    ("[pool]\nlearned_ttl = nan\n", "pool.learned_ttl"),
+    ("[[origin]]\nhost = \"a\"\nidle_ttl = nan\n", "origin[0].idle_ttl"),
+    # TOML integers are 64-bit; tomllib returns any size (float() of 10**400 overflowed)
+    ("[timeouts]\nconnect = 99999999999999999999\n", "timeouts.connect"),
+    ("[limits]\nhead_size = 9223372036854775808\n", "limits.head_size"),
 ])
 def test_errors_name_the_key_and_the_file(tmp_path, text, key):
     path = tmp_path / "bad.toml"
@@ -99,3 +110,23 @@ def test_empty_config_path_is_an_error_not_the_defaults(capsys):
     from proxyd.__main__ import main
     assert main(["check", "--config", ""]) == 2
     assert capsys.readouterr().err == "proxyd: configuration error: --config: empty path\n"
+
+
+def test_a_huge_but_finite_timeout_is_accepted(tmp_path):
+    """inf is refused (every wait has a bound); a value that is finite is not capped."""
+    path = tmp_path / "p.toml"
+    path.write_text("[timeouts]\ntunnel_idle = 1e9\n[pool]\nlifetime = 1e12\n")
+    cfg = config.load(str(path))
+    assert (cfg.timeouts.tunnel_idle, cfg.pool.lifetime) == (1e9, 1e12)
+
+
+def test_nan_and_inf_are_refused_in_configs_built_in_code():
+    """validate() itself refuses them too, not only the TOML reader."""
+    import dataclasses
+    for value in (float("nan"), float("inf")):
+        cfg = config.Config(timeouts=config.Timeouts(connect=value))
+        with pytest.raises(config.ConfigError, match="timeouts.connect: must be a finite number"):
+            config.validate(cfg)
+        cfg = config.Config(pool=dataclasses.replace(config.PoolConfig(), idle_ttl=value))
+        with pytest.raises(config.ConfigError, match="pool.idle_ttl: must be a finite number"):
+            config.validate(cfg)
