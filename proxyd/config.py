@@ -150,6 +150,9 @@ _SECTIONS: dict[str, type] = {
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # RFC 9110 §7.6.3: received-by = pseudonym [ ":" port ], pseudonym = token.
 _VIA_RECEIVED_BY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[0-9]+)?")
+# RFC 1123 §2.1 host name label: letters, digits and hyphens, not at either end, 1 to 63
+# octets; "_" is accepted as resolvers accept it (common in internal names).
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
 
@@ -264,21 +267,27 @@ def _decode(raw: bytes, path: str) -> str:
                           f"{offset} (line {line}); TOML files are UTF-8") from None
 
 
-def parse_hostport(value: str, default_port: int, key: str, source: str) -> tuple[str, int]:
-    """Split ``host:port`` (IPv6 in brackets); errors name ``key``."""
+def parse_hostport(value: str, default_port: int, key: str, source: str,
+                   allow_zero: bool = True) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 in brackets); errors name ``key``. Port 0 (any free port)
+    is only for listeners: pass ``allow_zero=False`` for a destination."""
     host, port = value, default_port
+    if "://" in value:
+        raise ConfigError(f"{source}: {key}: expected HOST:PORT, not a URL: {value!r}")
     if value.startswith("["):
         end = value.find("]")
         if end == -1:
             raise ConfigError(f"{source}: {key}: unbalanced '[' in {value!r}")
         host, rest = value[1:end], value[end + 1:]
+        if not _is_ip(host) or ":" not in host:
+            raise ConfigError(f"{source}: {key}: not an IPv6 address in brackets: {value!r}")
         if rest:
             if not rest.startswith(":"):
                 raise ConfigError(f"{source}: {key}: expected HOST:PORT, got {value!r}")
-            port = _port(rest[1:], key, source)
+            port = _port(rest[1:], key, source, allow_zero)
     elif value.count(":") == 1:
         host, port_s = value.split(":")
-        port = _port(port_s, key, source)
+        port = _port(port_s, key, source, allow_zero)
     elif ":" in value:
         raise ConfigError(f"{source}: {key}: IPv6 addresses need brackets: {value!r}")
     if not host:
@@ -292,13 +301,62 @@ def _port(text: str, key: str, source: str, allow_zero: bool = True) -> int:
     return int(text)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_host(host: str, key: str, src: str, *, sni: bool = False) -> None:
+    """``host`` must be a DNS host name or an IP address as getaddrinfo takes it (IPv6
+    without brackets); for ``sni``, a DNS host name only. Errors name ``key``."""
+    problem = _host_problem(host, sni)
+    if problem:
+        raise ConfigError(f"{src}: {key}: {problem}, got {host!r}")
+
+
+def _host_problem(host: str, sni: bool) -> str | None:
+    """Why ``host`` is not a valid host (None when it is one)."""
+    what = "a DNS host name" if sni else "a DNS host name or an IP address"
+    if not host:
+        return f"must be {what}, not empty"
+    if "://" in host:
+        return f"must be {what}, not a URL"
+    if host.startswith("[") and host.endswith("]"):
+        return "write an IPv6 address without brackets"
+    if _is_ip(host):
+        # RFC 6066 §3: literal IPv4 and IPv6 addresses are not permitted in HostName.
+        return "SNI carries a DNS host name, never an IP address (RFC 6066 §3)" if sni else None
+    if ":" in host:
+        return f"must be {what} without a port (the port has its own key)"
+    if not host.isascii():
+        return "write an internationalised name in its ASCII form (xn--...)"
+    if sni and host.endswith("."):
+        return "SNI carries a host name without a trailing dot (RFC 6066 §3)"
+    name = host[:-1] if host.endswith(".") else host  # a trailing dot: fully qualified
+    labels = name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return (f"must be {what}: letters, digits, '-' and '_' in dot-separated labels "
+                "of 1 to 63 characters")
+    if labels[-1].isdigit():
+        # "1.2.3" or "010.0.0.1": getaddrinfo reads such names as (legacy forms of) IPv4.
+        return "an all-numeric name that is not a valid IPv4 address"
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express."""
     src = cfg.source
     parse_hostport(cfg.listen, 3128, "listen", src)
-    parse_hostport(cfg.metrics_listen, 9128, "metrics_listen", src)
+    metrics_host, _ = parse_hostport(cfg.metrics_listen, 9128, "metrics_listen", src)
+    _check_host(metrics_host, "metrics_listen", src)
+    _check_listeners_differ(cfg)
     if cfg.default_origin:
-        parse_hostport(cfg.default_origin, 443, "default_origin", src)
+        # The Host field of origin-form requests (and their destination): port 0 is no port.
+        host, _ = parse_hostport(cfg.default_origin, 443, "default_origin", src, allow_zero=False)
+        _check_host(host, "default_origin", src)
     if cfg.workers < 0 or cfg.workers > 256:
         raise ConfigError(f"{src}: workers: must be between 0 (one per CPU) and 256")
     if cfg.log_level.lower() not in _LOG_LEVELS:
@@ -337,6 +395,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: pool.learned_max: must be at least 1")
     seen = set()
     for i, o in enumerate(cfg.origin):
+        _check_host(o.host, f"origin[{i}].host", src)
+        if o.sni:
+            _check_host(o.sni, f"origin[{i}].sni", src, sni=True)
         _validate_pool(o, f"origin[{i}]", src)
         if not 1 <= o.port <= 65535:
             raise ConfigError(f"{src}: origin[{i}].port: invalid port {o.port}")
@@ -345,6 +406,33 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: origin[{i}]: duplicate origin {o.host}:{o.port}")
         seen.add(key)
     _validate_listen_address(cfg)
+
+
+def _check_listeners_differ(cfg: Config) -> None:
+    """``listen`` and ``metrics_listen`` on the same address: the second bind would fail at
+    start, so say it at check time."""
+    a = _bind_address(cfg.listen, 3128, "listen", cfg.source)
+    b = _bind_address(cfg.metrics_listen, 9128, "metrics_listen", cfg.source)
+    (ip_a, port_a), (ip_b, port_b) = a, b
+    if port_a != port_b or port_a == 0 or ip_a is None or ip_b is None:
+        return  # port 0: two different free ports; a name: only known when resolved
+    # A wildcard address (0.0.0.0, ::) takes the port on every address of its family.
+    wildcard = ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+    if ip_a == ip_b or wildcard:
+        raise ConfigError(f"{cfg.source}: metrics_listen: {cfg.metrics_listen} overlaps listen "
+                          f"{cfg.listen}; the two listeners need different ports")
+
+
+def _bind_address(value: str, default_port: int, key: str,
+                  src: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, int]:
+    """The address and port a listener binds (address None for a name other than localhost)."""
+    host, port = parse_hostport(value, default_port, key, src)
+    if host == "localhost":
+        host = "127.0.0.1"  # bind_listener binds "localhost" as IPv4
+    try:
+        return ipaddress.ip_address(host), port
+    except ValueError:
+        return None, port
 
 
 def _check_ca_file(path: str, src: str) -> None:

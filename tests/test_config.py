@@ -62,6 +62,35 @@ def test_flags_override_file_which_overrides_defaults(tmp_path):
     # TOML integers are 64-bit; tomllib returns any size (float() of 10**400 overflowed)
     ("[timeouts]\nconnect = 99999999999999999999\n", "timeouts.connect"),
     ("[limits]\nhead_size = 9223372036854775808\n", "limits.head_size"),
+    # a host is a DNS name or an IP address: no scheme, no port (it has its own key)
+    ("[[origin]]\nhost = \"\"\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"a b\"\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"https://api.example.com\"\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"api.example.com:8443\"\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"[::1]\"\n", "origin[0].host"),  # as getaddrinfo takes it: "::1"
+    ("[[origin]]\nhost = \"caf\u00e9.example\"\n", "origin[0].host"),  # A-label: xn--caf-dma
+    ("[[origin]]\nhost = \"1.2.3\"\n", "origin[0].host"),  # getaddrinfo: 1.2.0.3
+    ("[[origin]]\nhost = \"a..b\"\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"-a.example\"\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"" + "a" * 64 + ".example\"\n", "origin[0].host"),
+    ("[[origin]]\nhost = \"a\"\n[[origin]]\nhost = \"b\\r\\nX: y\"\n", "origin[1].host"),
+    # RFC 6066 §3: SNI carries a DNS host name, without a trailing dot, never an IP literal
+    ("[[origin]]\nhost = \"a\"\nsni = \"a\\nb\"\n", "origin[0].sni"),
+    ("[[origin]]\nhost = \"a\"\nsni = \"a b\"\n", "origin[0].sni"),
+    ("[[origin]]\nhost = \"a\"\nsni = \"192.0.2.1\"\n", "origin[0].sni"),
+    ("[[origin]]\nhost = \"a\"\nsni = \"::1\"\n", "origin[0].sni"),
+    ("[[origin]]\nhost = \"a\"\nsni = \"a.example.\"\n", "origin[0].sni"),
+    # default_origin becomes the Host field of origin-form requests
+    ("default_origin = \"host with space\"\n", "default_origin"),
+    ("default_origin = \"a:0\"\n", "default_origin"),
+    ("default_origin = \"https://a.example\"\n", "default_origin"),
+    ("default_origin = \"[a.example]:443\"\n", "default_origin"),
+    ("metrics_listen = \"bad host:9128\"\n", "metrics_listen"),
+    # the second listener would fail to bind at start
+    ("metrics_listen = \"127.0.0.1:3128\"\n", "metrics_listen"),
+    ("listen = \"localhost:3128\"\nmetrics_listen = \"127.0.0.1:3128\"\n", "metrics_listen"),
+    ("listen = \"127.0.0.1:4000\"\nmetrics_listen = \"0.0.0.0:4000\"\n", "metrics_listen"),
+    ("listen = \"[::1]:4000\"\nmetrics_listen = \"[::]:4000\"\n", "metrics_listen"),
 ])
 def test_errors_name_the_key_and_the_file(tmp_path, text, key):
     path = tmp_path / "bad.toml"
@@ -130,3 +159,35 @@ def test_nan_and_inf_are_refused_in_configs_built_in_code():
         cfg = config.Config(pool=dataclasses.replace(config.PoolConfig(), idle_ttl=value))
         with pytest.raises(config.ConfigError, match="pool.idle_ttl: must be a finite number"):
             config.validate(cfg)
+
+
+@pytest.mark.parametrize("host", [
+    "localhost", "api.example.com", "API.Example.COM", "a-b.example", "_svc.internal",
+    "xn--caf-dma.example", "api.example.com.", "127.0.0.1", "::1", "2001:db8::1",
+    "fe80::1%eth0", "a" * 63 + ".example",
+])
+def test_valid_origin_hosts_are_accepted(host):
+    """DNS names and IP literals as getaddrinfo takes them (IPv6 without brackets)."""
+    cfg = config.from_mapping({"origin": [{"host": host}]}, "t.toml")
+    assert cfg.origin[0].host == host
+
+
+def test_valid_sni_default_origin_and_listeners_are_accepted():
+    cfg = config.from_mapping({
+        "default_origin": "[::1]:8443", "metrics_listen": "localhost:0", "listen": "127.0.0.1:0",
+        "origin": [{"host": "10.0.0.5", "sni": "api.example.com"}]}, "t.toml")
+    assert cfg.origin[0].server_hostname == "api.example.com"
+    for default in ("plain.test:8080", "a.test", "192.0.2.1:80"):
+        config.from_mapping({"default_origin": default}, "t.toml")
+    # two listeners on port 0 get different ports; different addresses may share a port
+    config.from_mapping({"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}, "t.toml")
+    config.from_mapping({"listen": "127.0.0.1:4000", "metrics_listen": "127.0.0.2:4000"}, "t.toml")
+
+
+def test_origin_flag_hosts_are_checked_too():
+    cfg = config.apply_flags(config.Config(), origins=["[::1]:8443"])
+    assert (cfg.origin[0].host, cfg.origin[0].port) == ("::1", 8443)
+    with pytest.raises(config.ConfigError, match=r"command line: origin\[0\]\.host: "):
+        config.apply_flags(config.Config(), origins=["a b:443"])
+    with pytest.raises(config.ConfigError, match=r"--origin: expected HOST:PORT, not a URL"):
+        config.apply_flags(config.Config(), origins=["https://a.example"])
