@@ -153,6 +153,10 @@ _VIA_RECEIVED_BY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[0-9]+)?")
 # RFC 1123 §2.1 host name label: letters, digits and hyphens, not at either end, 1 to 63
 # octets; "_" is accepted as resolvers accept it (common in internal names).
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# What a request head needs beyond its request line (RFC 9112 §2.1, §3.2): the line's
+# CR LF, a Host field with the longest DNS name and a port ("Host: " + 253 + ":65535" +
+# CR LF = 267 bytes) and the empty line, rounded up to leave room for a few more fields.
+_HEAD_BEYOND_REQUEST_LINE = 512
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
 
@@ -377,22 +381,19 @@ def validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"{src}: access.allow_clients: invalid network {net!r}") from None
     if cfg.access.users_file:
-        from .access import AuthError, load_users
-        try:
-            load_users(cfg.access.users_file)
-        except AuthError as exc:
-            raise ConfigError(f"{src}: access.users_file: {exc}") from None
+        _check_users_file(cfg.access.users_file, src)
     for key in ("deny_networks", "allow_networks"):
         for net in getattr(cfg.destinations, key):
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"{src}: destinations.{key}: invalid network {net!r}") from None
+    if cfg.metrics_max_origins < 0:
+        raise ConfigError(f"{src}: metrics_max_origins: must be 0 or more")
     _validate_positive(cfg.timeouts, "timeouts", src)
-    _validate_positive(cfg.limits, "limits", src)
+    _validate_limits(cfg.limits, src)
     _validate_pool(cfg.pool, "pool", src)
-    if cfg.pool.learned_max < 1:
-        raise ConfigError(f"{src}: pool.learned_max: must be at least 1")
+    _validate_learned(cfg.pool, src)
     seen = set()
     for i, o in enumerate(cfg.origin):
         _check_host(o.host, f"origin[{i}].host", src)
@@ -435,6 +436,20 @@ def _bind_address(value: str, default_port: int, key: str,
         return None, port
 
 
+def _check_users_file(path: str, src: str) -> None:
+    """The users file must parse and name at least one user (else every request gets 407)."""
+    from .access import AuthError, load_users
+    try:
+        users = load_users(path)
+    except AuthError as exc:
+        raise ConfigError(f"{src}: access.users_file: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{src}: access.users_file: {path}: not valid UTF-8") from None
+    if not users:
+        raise ConfigError(f"{src}: access.users_file: {path} holds no users, so nobody could "
+                          "authenticate (add one with: proxyd hash-password)")
+
+
 def _check_ca_file(path: str, src: str) -> None:
     """The CA bundle must exist and hold certificates (else every handshake would fail)."""
     if os.path.isdir(path):
@@ -458,6 +473,27 @@ def _check_positive(value: int | float, key: str, src: str) -> None:
         raise ConfigError(f"{src}: {key}: must be a finite number greater than 0, got {value!r}")
     if not value > 0:
         raise ConfigError(f"{src}: {key}: must be greater than 0")
+
+
+def _validate_limits(limits: Limits, src: str) -> None:
+    _validate_positive(limits, "limits", src)
+    if limits.head_size < limits.request_line + _HEAD_BEYOND_REQUEST_LINE:
+        raise ConfigError(
+            f"{src}: limits.head_size: {limits.head_size} cannot hold a request line of "
+            f"limits.request_line = {limits.request_line} bytes and a Host field; it must be "
+            f"at least request_line + {_HEAD_BEYOND_REQUEST_LINE}")
+
+
+def _validate_learned(pool: PoolConfig, src: str) -> None:
+    """Settings of the origins first seen at run time."""
+    if pool.learned_warm < 0:
+        raise ConfigError(f"{src}: pool.learned_warm: must be 0 or more")
+    if pool.learned_warm > pool.max_connections:
+        # A learned origin's pool takes pool.max_connections: the floor must fit under it.
+        raise ConfigError(f"{src}: pool.learned_warm: larger than pool.max_connections")
+    _check_positive(pool.learned_ttl, "pool.learned_ttl", src)
+    if pool.learned_max < 1:
+        raise ConfigError(f"{src}: pool.learned_max: must be at least 1")
 
 
 def _validate_pool(section: Any, name: str, src: str) -> None:

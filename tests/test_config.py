@@ -91,6 +91,14 @@ def test_flags_override_file_which_overrides_defaults(tmp_path):
     ("listen = \"localhost:3128\"\nmetrics_listen = \"127.0.0.1:3128\"\n", "metrics_listen"),
     ("listen = \"127.0.0.1:4000\"\nmetrics_listen = \"0.0.0.0:4000\"\n", "metrics_listen"),
     ("listen = \"[::1]:4000\"\nmetrics_listen = \"[::]:4000\"\n", "metrics_listen"),
+    ("[pool]\nlearned_warm = -5\n", "pool.learned_warm"),
+    ("[pool]\nlearned_ttl = -1\n", "pool.learned_ttl"),
+    ("[pool]\nlearned_ttl = 0\n", "pool.learned_ttl"),
+    ("[pool]\nlearned_warm = 9\nmax_connections = 8\n", "pool.learned_warm"),
+    ("metrics_max_origins = -1\n", "metrics_max_origins"),
+    # a head must hold a request line of the longest allowed length and a Host field
+    ("[limits]\nhead_size = 1000\nrequest_line = 8192\n", "limits.head_size"),
+    ("[limits]\nhead_size = 8192\n", "limits.head_size"),
 ])
 def test_errors_name_the_key_and_the_file(tmp_path, text, key):
     path = tmp_path / "bad.toml"
@@ -191,3 +199,25 @@ def test_origin_flag_hosts_are_checked_too():
         config.apply_flags(config.Config(), origins=["a b:443"])
     with pytest.raises(config.ConfigError, match=r"--origin: expected HOST:PORT, not a URL"):
         config.apply_flags(config.Config(), origins=["https://a.example"])
+
+
+def test_limits_at_the_head_size_floor_are_accepted():
+    cfg = config.from_mapping({"limits": {"request_line": 100, "head_size": 612}}, "t.toml")
+    assert cfg.limits.head_size == 612
+    with pytest.raises(config.ConfigError, match=r"limits.head_size: .*request_line \+ 512"):
+        config.from_mapping({"limits": {"request_line": 100, "head_size": 611}}, "t.toml")
+
+
+def test_users_file_without_users_is_a_config_error(tmp_path):
+    """Nobody could ever authenticate: every request would get 407."""
+    users = tmp_path / "users"
+    users.write_text("# no users yet\n\n")
+    with pytest.raises(config.ConfigError, match=r"t.toml: access.users_file: .*no users"):
+        config.from_mapping({"access": {"users_file": str(users)}}, "t.toml")
+
+
+def test_users_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    users = tmp_path / "users"
+    users.write_bytes(b"j\xf6rg:x\n")
+    with pytest.raises(config.ConfigError, match=r"t.toml: access.users_file: .*UTF-8"):
+        config.from_mapping({"access": {"users_file": str(users)}}, "t.toml")
