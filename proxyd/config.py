@@ -150,6 +150,13 @@ _SECTIONS: dict[str, type] = {
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # RFC 9110 §7.6.3: received-by = pseudonym [ ":" port ], pseudonym = token.
 _VIA_RECEIVED_BY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[0-9]+)?")
+# RFC 9110 §11.2: the realm is sent as a quoted-string (Proxy-Authenticate: Basic
+# realm="..."). Printable ASCII and space without '"' and '\' is qdtext as it stands,
+# needing no quoted-pair, and can end neither the string nor the field (the simplest safe
+# subset).
+_REALM = re.compile(r'[ !#-\[\]-~]*')
+# destinations.*_hosts: shell patterns over host names (fnmatch: * ? [seq] [!seq]).
+_HOST_PATTERN = re.compile(r"[A-Za-z0-9\-._:*?\[\]!]+")
 # RFC 1123 §2.1 host name label: letters, digits and hyphens, not at either end, 1 to 63
 # octets; "_" is accepted as resolvers accept it (common in internal names).
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -382,6 +389,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: access.allow_clients: invalid network {net!r}") from None
     if cfg.access.users_file:
         _check_users_file(cfg.access.users_file, src)
+    if _REALM.fullmatch(cfg.access.realm) is None:
+        raise ConfigError(f"{src}: access.realm: printable ASCII and spaces only, without '\"' "
+                          f"or '\\' (it is quoted in Proxy-Authenticate), got {cfg.access.realm!r}")
+    _check_host_patterns(cfg.destinations, src)
     for key in ("deny_networks", "allow_networks"):
         for net in getattr(cfg.destinations, key):
             try:
@@ -434,6 +445,15 @@ def _bind_address(value: str, default_port: int, key: str,
         return ipaddress.ip_address(host), port
     except ValueError:
         return None, port
+
+
+def _check_host_patterns(dest: DestinationsConfig, src: str) -> None:
+    """A pattern with a space, a control character or nothing at all never matches."""
+    for key in ("deny_hosts", "allow_hosts"):
+        for pattern in getattr(dest, key):
+            if _HOST_PATTERN.fullmatch(pattern) is None:
+                raise ConfigError(f"{src}: destinations.{key}: {pattern!r} can never match a "
+                                  "host name (letters, digits, - . _ : and * ? [ ] ! only)")
 
 
 def _check_users_file(path: str, src: str) -> None:

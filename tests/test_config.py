@@ -99,6 +99,16 @@ def test_flags_override_file_which_overrides_defaults(tmp_path):
     # a head must hold a request line of the longest allowed length and a Host field
     ("[limits]\nhead_size = 1000\nrequest_line = 8192\n", "limits.head_size"),
     ("[limits]\nhead_size = 8192\n", "limits.head_size"),
+    # RFC 9110 §11.2: the realm is a quoted-string in Proxy-Authenticate; CR LF would inject
+    ("[access]\nrealm = \"a\\\"b\"\n", "access.realm"),
+    ("[access]\nrealm = \"proxyd\\r\\nX-Injected: yes\"\n", "access.realm"),
+    ("[access]\nrealm = \"back\\\\slash\"\n", "access.realm"),
+    ("[access]\nrealm = \"caf\u00e9\"\n", "access.realm"),
+    ("[access]\nrealm = \"tab\\there\"\n", "access.realm"),
+    # host patterns: a space or an empty pattern can never match a host name
+    ("[destinations]\ndeny_hosts = [\"*.internal\", \"bad host\"]\n", "destinations.deny_hosts"),
+    ("[destinations]\nallow_hosts = [\"\"]\n", "destinations.allow_hosts"),
+    ("[destinations]\nallow_hosts = [\"a\\nb\"]\n", "destinations.allow_hosts"),
 ])
 def test_errors_name_the_key_and_the_file(tmp_path, text, key):
     path = tmp_path / "bad.toml"
@@ -221,3 +231,11 @@ def test_users_file_that_is_not_utf8_is_a_config_error(tmp_path):
     users.write_bytes(b"j\xf6rg:x\n")
     with pytest.raises(config.ConfigError, match=r"t.toml: access.users_file: .*UTF-8"):
         config.from_mapping({"access": {"users_file": str(users)}}, "t.toml")
+
+
+def test_printable_realms_and_host_patterns_are_accepted():
+    cfg = config.from_mapping({
+        "access": {"realm": "Corp proxy (staff only): use your SSO name"},
+        "destinations": {"deny_hosts": ["*.internal", "metadata.google.internal", "10.*"],
+                         "allow_hosts": ["[a-c]?.Example.COM", "*", "fd00::*"]}}, "t.toml")
+    assert cfg.access.realm.startswith("Corp proxy")
