@@ -166,6 +166,9 @@ _DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _HEAD_BEYOND_REQUEST_LINE = 512
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
+# TOML v1.0.0, String: a basic string escapes '"', '\\' and every control character.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
 
 
 def _check_type(key: str, value: Any, typ: Any, source: str) -> Any:
@@ -600,7 +603,8 @@ def _add_origin(origins: list[OriginConfig], host: str, port: int, pool: PoolCon
 
 def to_toml(cfg: Config) -> str:
     """Render the effective configuration as TOML (what ``proxyd check`` prints)."""
-    lines = [f"# effective configuration (from {cfg.source})"]
+    # Escaped like a string, so that a newline in the path cannot end the comment.
+    lines = [f"# effective configuration (from {_toml_escape(cfg.source)})"]
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in _SECTIONS or f.name in ("origin", "source"):
@@ -623,5 +627,25 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    return f'"{_toml_escape(str(value))}"'
+
+
+def _toml_escape(text: str) -> str:
+    """``text`` as the inside of a TOML basic string, in ASCII only (so that printing it
+    cannot fail whatever the locale's encoding): the rest as \\uXXXX or \\UXXXXXXXX."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif 0xD800 <= code < 0xE000:
+            # A lone surrogate: a byte that is not UTF-8 in a path given on the command
+            # line. TOML cannot say it (escapes are Unicode scalar values): U+FFFD stands in.
+            out.append("\\uFFFD")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(f"\\U{code:08X}")
+    return "".join(out)

@@ -239,3 +239,52 @@ def test_printable_realms_and_host_patterns_are_accepted():
         "destinations": {"deny_hosts": ["*.internal", "metadata.google.internal", "10.*"],
                          "allow_hosts": ["[a-c]?.Example.COM", "*", "fd00::*"]}}, "t.toml")
     assert cfg.access.realm.startswith("Corp proxy")
+
+
+def _round_trip(cfg: config.Config) -> config.Config:
+    """What ``proxyd check`` prints, read back as a config file."""
+    text = config.to_toml(cfg)
+    back = config.from_mapping(tomllib.loads(text), cfg.source)
+    assert text.isascii(), "printed as ASCII, whatever the locale's encoding"
+    return back
+
+
+def test_effective_config_of_the_example_round_trips():
+    cfg = config.load(str(ROOT / "proxyd.example.toml"))
+    assert _round_trip(cfg) == cfg
+
+
+def test_effective_config_with_awkward_strings_round_trips(tmp_path, ca_pem):
+    """TOML basic strings (TOML v1.0.0 §String) escape '"', '\\' and every control
+    character: a valid value with any of them must print as TOML that reads back equal."""
+    from proxyd.access import hash_password
+    odd = 'odd "q" \\ back\tslash\x01\x7f é ☃ 😀 \u2028'
+    (tmp_path / odd).mkdir()
+    ca_file = tmp_path / odd / "ca\n.pem"
+    ca_file.write_bytes(ca_pem.read_bytes())
+    users_file = tmp_path / odd / "users\r"
+    users_file.write_text(f"alice:{hash_password('pw', iterations=1000)}\n")
+    cfg = config.from_mapping({
+        "listen": "[::1]:0", "metrics_listen": "localhost:0", "log_level": "WARNING",
+        "via": "a'b`|~^#$%&*+-.:8080", "default_origin": "[2001:db8::1]:8443",
+        "tls": {"ca_file": str(ca_file), "min_version": "1.3"},
+        "access": {"users_file": str(users_file), "realm": "it's [a] {realm} #1 ~ 'x'",
+                   "allow_clients": ["10.0.0.0/8", "fd00::/8"]},
+        "destinations": {"deny_hosts": ["*.internal", "[!a]?.example"], "allow_hosts": ["*"],
+                         "deny_networks": [], "allow_networks": ["0.0.0.0/0"]},
+        "timeouts": {"connect": 0.1, "tunnel_idle": 1e16, "shutdown": 5e-324},
+        "origin": [{"host": "fe80::1%eth0", "port": 1, "sni": "x-y_z.example", "tls": False},
+                   {"host": "api.example.com."}],
+    }, f"{tmp_path}/{odd}\n[[origin]]\nhost = 'x'.toml")
+    assert _round_trip(cfg) == cfg
+    assert config.to_toml(cfg).startswith("# effective configuration (from ")
+    assert config.to_toml(cfg).count("\n[[origin]]") == 2  # the source is one comment line
+
+
+def test_a_path_that_is_not_unicode_still_prints_as_valid_toml(tmp_path, ca_pem):
+    """A path from a flag may hold bytes that are not UTF-8 (surrogate escapes): TOML cannot
+    say them, so U+FFFD stands in, and the output stays valid TOML."""
+    ca_file = tmp_path / "ca-\udcff.pem"
+    ca_file.write_bytes(ca_pem.read_bytes())
+    cfg = config.apply_flags(config.Config(), ca_file=str(ca_file))
+    assert tomllib.loads(config.to_toml(cfg))["tls"]["ca_file"] == f"{tmp_path}/ca-\ufffd.pem"
