@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -13,17 +14,30 @@ from proxyd import config
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def test_example_file_is_valid_and_equals_the_defaults():
-    """proxyd.example.toml documents every key with its default value."""
+    """proxyd.example.toml documents every key with its default value: its keys are
+    compared with the dataclasses' fields, so a key added to one but not the other fails."""
     path = ROOT / "proxyd.example.toml"
     with path.open("rb") as fh:
         data = tomllib.load(fh)
     assert config.from_mapping(data, str(path)) == config.Config(source=str(path))
+    sections = {name for name, value in data.items() if isinstance(value, dict)}
+    assert sections == set(config._SECTIONS)
+    top = set(data) - sections
+    assert top == _names(config.Config) - sections - {"origin", "source"}
+    for name, cls in config._SECTIONS.items():
+        assert set(data[name]) == _names(cls), f"[{name}]"
+    # [[origin]] is shown commented out: every one of its keys, as a valid table.
     text = path.read_text()
-    for section in ("timeouts", "limits", "tls", "pool"):
-        for f in getattr(config, {"timeouts": "Timeouts", "limits": "Limits",
-                                  "tls": "TlsConfig", "pool": "PoolConfig"}[section]).__dataclass_fields__:
-            assert f"\n{f} = " in text, f"{section}.{f} missing from the example"
+    block = text[text.index("\n# [[origin]]\n"):]
+    origin = tomllib.loads("\n".join(line[2:] for line in block.strip().splitlines()
+                                     if line.startswith("# ") and " = " in line))
+    assert set(origin) == _names(config.OriginConfig)
+    config.from_mapping({"origin": [origin]}, str(path))
 
 
 def test_flags_override_file_which_overrides_defaults(tmp_path):
@@ -169,7 +183,6 @@ def test_a_huge_but_finite_timeout_is_accepted(tmp_path):
 
 def test_nan_and_inf_are_refused_in_configs_built_in_code():
     """validate() itself refuses them too, not only the TOML reader."""
-    import dataclasses
     for value in (float("nan"), float("inf")):
         cfg = config.Config(timeouts=config.Timeouts(connect=value))
         with pytest.raises(config.ConfigError, match="timeouts.connect: must be a finite number"):
