@@ -301,3 +301,24 @@ def test_a_path_that_is_not_unicode_still_prints_as_valid_toml(tmp_path, ca_pem)
     ca_file.write_bytes(ca_pem.read_bytes())
     cfg = config.apply_flags(config.Config(), ca_file=str(ca_file))
     assert tomllib.loads(config.to_toml(cfg))["tls"]["ca_file"] == f"{tmp_path}/ca-\ufffd.pem"
+
+
+@pytest.mark.parametrize("flag", ["--quiet", "-q"])
+def test_check_quiet_prints_nothing_on_success_and_the_error_on_failure(tmp_path, capsys, flag):
+    """For ExecStartPre/ExecReload: validate without dumping the config into the journal."""
+    from proxyd.__main__ import main
+    path = tmp_path / "p.toml"
+    path.write_text("workers = 2\n")
+    assert main(["check", flag, "--config", str(path)]) == 0
+    assert capsys.readouterr() == ("", "")
+    path.write_text("workers = -1\n")
+    assert main(["check", flag, "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"proxyd: configuration error: {path}: workers: ")
+
+
+def test_quiet_is_only_for_check(capsys):
+    from proxyd.__main__ import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--quiet"])
+    assert exc.value.code == 2 and "--quiet" in capsys.readouterr().err
