@@ -322,3 +322,15 @@ def test_quiet_is_only_for_check(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--quiet"])
     assert exc.value.code == 2 and "--quiet" in capsys.readouterr().err
+
+
+def test_the_unit_checks_the_config_quietly_before_start_and_reload():
+    """ExecStartPre and ExecReload validate without dumping the whole effective config into
+    the journal at every start and reload."""
+    text = (ROOT / "systemd" / "proxyd.service").read_text()
+    checks = [line for line in text.splitlines()
+              if line.startswith(("ExecStartPre=", "ExecReload=")) and " check" in line]
+    assert [line.split("=", 1)[0] for line in checks] == ["ExecStartPre", "ExecReload"]
+    assert all(" check --quiet " in line for line in checks), checks
+    # pip installs no README or man page: a Documentation= link would point at nothing
+    assert "Documentation=" not in text
