@@ -24,14 +24,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warm", type=int, metavar="N", help="warm connections per origin per worker")
     p.add_argument("--log-level", metavar="LEVEL",
                    help="debug, info, warning, error or critical")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="check: validate only; print nothing unless the config is invalid")
     p.add_argument("command", nargs="?", choices=["run", "check", "hash-password"],
-                   default="run", help="run (default); check the configuration and print it; "
+                   default="run", help="run (default); check the configuration and print it "
+                   "(with --quiet: only errors); "
                    "hash-password: read a password on stdin, print a users-file hash")
     return p
 
 
 def load_config(args: argparse.Namespace) -> config.Config:
     """The effective configuration: defaults < file < flags."""
+    if args.config == "":
+        # Typically an unset variable (--config "$CONF"): running on the built-in defaults
+        # instead of the intended file would hide the mistake.
+        raise config.ConfigError("--config: empty path")
     cfg = config.load(args.config)
     return config.apply_flags(
         cfg, listen=args.listen, metrics_listen=args.metrics_listen, workers=args.workers,
@@ -56,7 +63,10 @@ def _hash_password() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``proxyd`` command."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.command != "check":
+        parser.error("--quiet: only with check")
     if args.command == "hash-password":
         return _hash_password()
     try:
@@ -65,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proxyd: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        sys.stdout.write(config.to_toml(cfg))
-        print(f"proxyd: configuration OK ({cfg.source})", file=sys.stderr)
+        if not args.quiet:  # quiet: for ExecStartPre/ExecReload, not the whole config each time
+            sys.stdout.write(config.to_toml(cfg))
+            print(f"proxyd: configuration OK ({cfg.source})", file=sys.stderr)
         return 0
     logs.setup(cfg.log_level)
     from . import master

@@ -6,8 +6,10 @@ whose message names the dotted key and the file, so a typo never silently keeps 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import ssl
@@ -148,13 +150,39 @@ _SECTIONS: dict[str, type] = {
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # RFC 9110 §7.6.3: received-by = pseudonym [ ":" port ], pseudonym = token.
 _VIA_RECEIVED_BY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[0-9]+)?")
+# RFC 9110 §11.2: the realm is sent as a quoted-string (Proxy-Authenticate: Basic
+# realm="..."). Printable ASCII and space without '"' and '\' is qdtext as it stands,
+# needing no quoted-pair, and can end neither the string nor the field (the simplest safe
+# subset).
+_REALM = re.compile(r'[ !#-\[\]-~]*')
+# destinations.*_hosts: shell patterns over host names (fnmatch: * ? [seq] [!seq]).
+_HOST_PATTERN = re.compile(r"[A-Za-z0-9\-._:*?\[\]!]+")
+# RFC 1123 §2.1 host name label: letters, digits and hyphens, not at either end, 1 to 63
+# octets; "_" is accepted as resolvers accept it (common in internal names).
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# What a request head needs beyond its request line (RFC 9112 §2.1, §3.2): the line's
+# CR LF, a Host field with the longest DNS name and a port ("Host: " + 253 + ":65535" +
+# CR LF = 267 bytes) and the empty line, rounded up to leave room for a few more fields.
+_HEAD_BEYOND_REQUEST_LINE = 512
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
+# TOML v1.0.0, String: a basic string escapes '"', '\\' and every control character.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
 
 
 def _check_type(key: str, value: Any, typ: Any, source: str) -> Any:
     """Return ``value`` converted to ``typ`` or raise an error naming ``key``."""
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+    if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+        # TOML v1.0.0 integers are 64-bit; tomllib returns any size (10**400 too).
+        raise ConfigError(f"{source}: {key}: integer out of range (TOML integers are 64-bit)")
+    if typ is float and type(value) is int:
         return float(value)
+    if typ is float and type(value) is float and not math.isfinite(value):
+        # Every float here is a duration. NaN compares false with everything (so a "<= 0"
+        # check lets it through and the wait then fails at once); inf would switch off a
+        # bound, and every wait has one. A huge finite value is accepted.
+        raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
     if typ in (int, float, str, bool):
         if type(value) is not typ:
             raise ConfigError(f"{source}: {key}: expected {typ.__name__}, "
@@ -224,35 +252,56 @@ def from_mapping(data: dict[str, Any], source: str) -> Config:
 
 def load(path: str | None) -> Config:
     """Load ``path`` (TOML) over the embedded defaults; None means defaults only."""
-    if not path:
+    if path is None:
         cfg = Config()
         validate(cfg)
         return cfg
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(_decode(raw, path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return from_mapping(data, path)
 
 
-def parse_hostport(value: str, default_port: int, key: str, source: str) -> tuple[str, int]:
-    """Split ``host:port`` (IPv6 in brackets); errors name ``key``."""
+def _decode(raw: bytes, path: str) -> str:
+    """The text of a TOML file: UTF-8 (TOML v1.0.0), after an optional byte order mark."""
+    # Some editors start UTF-8 files with a BOM; TOML does not allow one, but it is harmless.
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise ConfigError(f"{path}: not valid UTF-8: byte 0x{raw[offset]:02x} at offset "
+                          f"{offset} (line {line}); TOML files are UTF-8") from None
+
+
+def parse_hostport(value: str, default_port: int, key: str, source: str,
+                   allow_zero: bool = True) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 in brackets); errors name ``key``. Port 0 (any free port)
+    is only for listeners: pass ``allow_zero=False`` for a destination."""
     host, port = value, default_port
+    if "://" in value:
+        raise ConfigError(f"{source}: {key}: expected HOST:PORT, not a URL: {value!r}")
     if value.startswith("["):
         end = value.find("]")
         if end == -1:
             raise ConfigError(f"{source}: {key}: unbalanced '[' in {value!r}")
         host, rest = value[1:end], value[end + 1:]
+        if not _is_ip(host) or ":" not in host:
+            raise ConfigError(f"{source}: {key}: not an IPv6 address in brackets: {value!r}")
         if rest:
             if not rest.startswith(":"):
                 raise ConfigError(f"{source}: {key}: expected HOST:PORT, got {value!r}")
-            port = _port(rest[1:], key, source)
+            port = _port(rest[1:], key, source, allow_zero)
     elif value.count(":") == 1:
         host, port_s = value.split(":")
-        port = _port(port_s, key, source)
+        port = _port(port_s, key, source, allow_zero)
     elif ":" in value:
         raise ConfigError(f"{source}: {key}: IPv6 addresses need brackets: {value!r}")
     if not host:
@@ -266,13 +315,62 @@ def _port(text: str, key: str, source: str, allow_zero: bool = True) -> int:
     return int(text)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_host(host: str, key: str, src: str, *, sni: bool = False) -> None:
+    """``host`` must be a DNS host name or an IP address as getaddrinfo takes it (IPv6
+    without brackets); for ``sni``, a DNS host name only. Errors name ``key``."""
+    problem = _host_problem(host, sni)
+    if problem:
+        raise ConfigError(f"{src}: {key}: {problem}, got {host!r}")
+
+
+def _host_problem(host: str, sni: bool) -> str | None:
+    """Why ``host`` is not a valid host (None when it is one)."""
+    what = "a DNS host name" if sni else "a DNS host name or an IP address"
+    if not host:
+        return f"must be {what}, not empty"
+    if "://" in host:
+        return f"must be {what}, not a URL"
+    if host.startswith("[") and host.endswith("]"):
+        return "write an IPv6 address without brackets"
+    if _is_ip(host):
+        # RFC 6066 §3: literal IPv4 and IPv6 addresses are not permitted in HostName.
+        return "SNI carries a DNS host name, never an IP address (RFC 6066 §3)" if sni else None
+    if ":" in host:
+        return f"must be {what} without a port (the port has its own key)"
+    if not host.isascii():
+        return "write an internationalised name in its ASCII form (xn--...)"
+    if sni and host.endswith("."):
+        return "SNI carries a host name without a trailing dot (RFC 6066 §3)"
+    name = host[:-1] if host.endswith(".") else host  # a trailing dot: fully qualified
+    labels = name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return (f"must be {what}: letters, digits, '-' and '_' in dot-separated labels "
+                "of 1 to 63 characters")
+    if labels[-1].isdigit():
+        # "1.2.3" or "010.0.0.1": getaddrinfo reads such names as (legacy forms of) IPv4.
+        return "an all-numeric name that is not a valid IPv4 address"
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express."""
     src = cfg.source
     parse_hostport(cfg.listen, 3128, "listen", src)
-    parse_hostport(cfg.metrics_listen, 9128, "metrics_listen", src)
+    metrics_host, _ = parse_hostport(cfg.metrics_listen, 9128, "metrics_listen", src)
+    _check_host(metrics_host, "metrics_listen", src)
+    _check_listeners_differ(cfg)
     if cfg.default_origin:
-        parse_hostport(cfg.default_origin, 443, "default_origin", src)
+        # The Host field of origin-form requests (and their destination): port 0 is no port.
+        host, _ = parse_hostport(cfg.default_origin, 443, "default_origin", src, allow_zero=False)
+        _check_host(host, "default_origin", src)
     if cfg.workers < 0 or cfg.workers > 256:
         raise ConfigError(f"{src}: workers: must be between 0 (one per CPU) and 256")
     if cfg.log_level.lower() not in _LOG_LEVELS:
@@ -293,24 +391,28 @@ def validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"{src}: access.allow_clients: invalid network {net!r}") from None
     if cfg.access.users_file:
-        from .access import AuthError, load_users
-        try:
-            load_users(cfg.access.users_file)
-        except AuthError as exc:
-            raise ConfigError(f"{src}: access.users_file: {exc}") from None
+        _check_users_file(cfg.access.users_file, src)
+    if _REALM.fullmatch(cfg.access.realm) is None:
+        raise ConfigError(f"{src}: access.realm: printable ASCII and spaces only, without '\"' "
+                          f"or '\\' (it is quoted in Proxy-Authenticate), got {cfg.access.realm!r}")
+    _check_host_patterns(cfg.destinations, src)
     for key in ("deny_networks", "allow_networks"):
         for net in getattr(cfg.destinations, key):
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"{src}: destinations.{key}: invalid network {net!r}") from None
+    if cfg.metrics_max_origins < 0:
+        raise ConfigError(f"{src}: metrics_max_origins: must be 0 or more")
     _validate_positive(cfg.timeouts, "timeouts", src)
-    _validate_positive(cfg.limits, "limits", src)
+    _validate_limits(cfg.limits, src)
     _validate_pool(cfg.pool, "pool", src)
-    if cfg.pool.learned_max < 1:
-        raise ConfigError(f"{src}: pool.learned_max: must be at least 1")
+    _validate_learned(cfg.pool, src)
     seen = set()
     for i, o in enumerate(cfg.origin):
+        _check_host(o.host, f"origin[{i}].host", src)
+        if o.sni:
+            _check_host(o.sni, f"origin[{i}].sni", src, sni=True)
         _validate_pool(o, f"origin[{i}]", src)
         if not 1 <= o.port <= 65535:
             raise ConfigError(f"{src}: origin[{i}].port: invalid port {o.port}")
@@ -319,6 +421,56 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{src}: origin[{i}]: duplicate origin {o.host}:{o.port}")
         seen.add(key)
     _validate_listen_address(cfg)
+
+
+def _check_listeners_differ(cfg: Config) -> None:
+    """``listen`` and ``metrics_listen`` on the same address: the second bind would fail at
+    start, so say it at check time."""
+    a = _bind_address(cfg.listen, 3128, "listen", cfg.source)
+    b = _bind_address(cfg.metrics_listen, 9128, "metrics_listen", cfg.source)
+    (ip_a, port_a), (ip_b, port_b) = a, b
+    if port_a != port_b or port_a == 0 or ip_a is None or ip_b is None:
+        return  # port 0: two different free ports; a name: only known when resolved
+    # A wildcard address (0.0.0.0, ::) takes the port on every address of its family.
+    wildcard = ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+    if ip_a == ip_b or wildcard:
+        raise ConfigError(f"{cfg.source}: metrics_listen: {cfg.metrics_listen} overlaps listen "
+                          f"{cfg.listen}; the two listeners need different ports")
+
+
+def _bind_address(value: str, default_port: int, key: str,
+                  src: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, int]:
+    """The address and port a listener binds (address None for a name other than localhost)."""
+    host, port = parse_hostport(value, default_port, key, src)
+    if host == "localhost":
+        host = "127.0.0.1"  # bind_listener binds "localhost" as IPv4
+    try:
+        return ipaddress.ip_address(host), port
+    except ValueError:
+        return None, port
+
+
+def _check_host_patterns(dest: DestinationsConfig, src: str) -> None:
+    """A pattern with a space, a control character or nothing at all never matches."""
+    for key in ("deny_hosts", "allow_hosts"):
+        for pattern in getattr(dest, key):
+            if _HOST_PATTERN.fullmatch(pattern) is None:
+                raise ConfigError(f"{src}: destinations.{key}: {pattern!r} can never match a "
+                                  "host name (letters, digits, - . _ : and * ? [ ] ! only)")
+
+
+def _check_users_file(path: str, src: str) -> None:
+    """The users file must parse and name at least one user (else every request gets 407)."""
+    from .access import AuthError, load_users
+    try:
+        users = load_users(path)
+    except AuthError as exc:
+        raise ConfigError(f"{src}: access.users_file: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{src}: access.users_file: {path}: not valid UTF-8") from None
+    if not users:
+        raise ConfigError(f"{src}: access.users_file: {path} holds no users, so nobody could "
+                          "authenticate (add one with: proxyd hash-password)")
 
 
 def _check_ca_file(path: str, src: str) -> None:
@@ -335,9 +487,36 @@ def _check_ca_file(path: str, src: str) -> None:
 
 def _validate_positive(section: Any, name: str, src: str) -> None:
     for f in fields(section):
-        value = getattr(section, f.name)
-        if isinstance(value, (int, float)) and value <= 0:
-            raise ConfigError(f"{src}: {name}.{f.name}: must be greater than 0")
+        _check_positive(getattr(section, f.name), f"{name}.{f.name}", src)
+
+
+def _check_positive(value: int | float, key: str, src: str) -> None:
+    """A count or a duration: greater than 0, and finite (also for Configs built in code)."""
+    if isinstance(value, float) and not (value > 0 and math.isfinite(value)):  # NaN fails
+        raise ConfigError(f"{src}: {key}: must be a finite number greater than 0, got {value!r}")
+    if not value > 0:
+        raise ConfigError(f"{src}: {key}: must be greater than 0")
+
+
+def _validate_limits(limits: Limits, src: str) -> None:
+    _validate_positive(limits, "limits", src)
+    if limits.head_size < limits.request_line + _HEAD_BEYOND_REQUEST_LINE:
+        raise ConfigError(
+            f"{src}: limits.head_size: {limits.head_size} cannot hold a request line of "
+            f"limits.request_line = {limits.request_line} bytes and a Host field; it must be "
+            f"at least request_line + {_HEAD_BEYOND_REQUEST_LINE}")
+
+
+def _validate_learned(pool: PoolConfig, src: str) -> None:
+    """Settings of the origins first seen at run time."""
+    if pool.learned_warm < 0:
+        raise ConfigError(f"{src}: pool.learned_warm: must be 0 or more")
+    if pool.learned_warm > pool.max_connections:
+        # A learned origin's pool takes pool.max_connections: the floor must fit under it.
+        raise ConfigError(f"{src}: pool.learned_warm: larger than pool.max_connections")
+    _check_positive(pool.learned_ttl, "pool.learned_ttl", src)
+    if pool.learned_max < 1:
+        raise ConfigError(f"{src}: pool.learned_max: must be at least 1")
 
 
 def _validate_pool(section: Any, name: str, src: str) -> None:
@@ -348,8 +527,7 @@ def _validate_pool(section: Any, name: str, src: str) -> None:
     if section.warm > section.max_connections:
         raise ConfigError(f"{src}: {name}.warm: larger than max_connections")
     for key in ("idle_ttl", "lifetime"):
-        if getattr(section, key) <= 0:
-            raise ConfigError(f"{src}: {name}.{key}: must be greater than 0")
+        _check_positive(getattr(section, key), f"{name}.{key}", src)
     if section.max_requests < 1:
         raise ConfigError(f"{src}: {name}.max_requests: must be at least 1")
 
@@ -425,7 +603,8 @@ def _add_origin(origins: list[OriginConfig], host: str, port: int, pool: PoolCon
 
 def to_toml(cfg: Config) -> str:
     """Render the effective configuration as TOML (what ``proxyd check`` prints)."""
-    lines = [f"# effective configuration (from {cfg.source})"]
+    # Escaped like a string, so that a newline in the path cannot end the comment.
+    lines = [f"# effective configuration (from {_toml_escape(cfg.source)})"]
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in _SECTIONS or f.name in ("origin", "source"):
@@ -448,5 +627,25 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    return f'"{_toml_escape(str(value))}"'
+
+
+def _toml_escape(text: str) -> str:
+    """``text`` as the inside of a TOML basic string, in ASCII only (so that printing it
+    cannot fail whatever the locale's encoding): the rest as \\uXXXX or \\UXXXXXXXX."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif 0xD800 <= code < 0xE000:
+            # A lone surrogate: a byte that is not UTF-8 in a path given on the command
+            # line. TOML cannot say it (escapes are Unicode scalar values): U+FFFD stands in.
+            out.append("\\uFFFD")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(f"\\U{code:08X}")
+    return "".join(out)
