@@ -22,6 +22,9 @@ _SCHEME = "pbkdf2_sha256"
 # iterations, a verified (or refused) header is remembered, so each distinct credential is
 # hashed once, and failed ones are hashed at most _FAILURES_PER_SECOND times a second.
 _ITERATIONS = 20_000
+# ... and at most this many (~60 ms here): verification holds the event loop, and a failed
+# one may run up to _FAILURES_PER_SECOND times a second.
+_MAX_ITERATIONS = 200_000
 _CACHE_SIZE = 1024
 # Credentials that fail are hashed at most this many times a second per worker (~0.1 s of
 # CPU): beyond it a new credential is refused unverified, so a flood of random passwords
@@ -58,11 +61,18 @@ def load_users(path: str) -> dict[str, tuple[int, bytes, bytes]]:
         try:
             if not user or len(parts) != 4 or parts[0] != _SCHEME:
                 raise ValueError
-            users[user] = (int(parts[1]), base64.b64decode(parts[2], validate=True),
-                           base64.b64decode(parts[3], validate=True))
+            iterations = int(parts[1])
+            salt = base64.b64decode(parts[2], validate=True)
+            digest = base64.b64decode(parts[3], validate=True)
         except (ValueError, binascii.Error):
             raise AuthError(f"{path}:{number}: expected user:{_SCHEME}$ITERATIONS$SALT$HASH "
                             "(make one with: proxyd hash-password)") from None
+        if not 1 <= iterations <= _MAX_ITERATIONS or not digest:
+            # 0 makes hashlib raise at the first login; a huge count would hold the event
+            # loop for minutes on every failed attempt.
+            raise AuthError(f"{path}:{number}: iterations must be 1 to {_MAX_ITERATIONS:,} and "
+                            "the hash not empty (make one with: proxyd hash-password)")
+        users[user] = (iterations, salt, digest)
     return users
 
 

@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
 
 
+# Control characters never reach a log line raw: one event stays one line, and a value
+# cannot fake another field or line (a CR, an ESC sequence for a terminal).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(m: re.Match[str]) -> str:
+    c = m.group()
+    return _CONTROL_ESCAPES.get(c) or f"\\x{ord(c):02x}"
+
+
 def _quote(value: Any) -> str:
     text = str(value)
-    if text and not any(c in text for c in ' "=\\\n\t'):
+    if text and not any(c in text for c in ' "=\\') and _CONTROL.search(text) is None:
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + _CONTROL.sub(_escape_control, text) + '"'
 
 
 # syslog priorities (RFC 5424 §6.2.1) of the logging levels, for journald's level prefix.

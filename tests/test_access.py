@@ -85,6 +85,16 @@ def test_bad_users_file_is_a_config_error(tmp_path):
         config.from_mapping({"access": {"users_file": str(bad)}}, "t.toml")
 
 
+@pytest.mark.parametrize("iterations, digest", [(0, "AAAA"), (10 ** 9, "AAAA"), (1000, "")])
+def test_users_file_iterations_are_bounded(tmp_path, iterations, digest):
+    """0 iterations made hashlib raise at the first login; a huge count would hold the event
+    loop for minutes per attempt: both refused when the file is read."""
+    bad = tmp_path / "users"
+    bad.write_text(f"alice:pbkdf2_sha256${iterations}$AAAAAAAAAAAAAAAAAAAAAA==${digest}\n")
+    with pytest.raises(config.ConfigError, match=r"access.users_file: .*users:1: iterations"):
+        config.from_mapping({"access": {"users_file": str(bad)}}, "t.toml")
+
+
 def test_verification_is_cached_and_constant_time_compare(tmp_path):
     path = tmp_path / "users"
     path.write_text(f"bob:{hash_password('pw', iterations=1000)}\n")

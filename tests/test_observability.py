@@ -974,3 +974,14 @@ def test_log_lines_carry_their_priority_under_journald():
         assert proc.returncode == 0, lines
         prefixes = [line.split("ts=", 1)[0] for line in lines]
         assert prefixes == (["<6>", "<4>", "<3>"] if journal else ["", "", ""]), lines
+
+
+def test_log_values_never_carry_control_characters():
+    """A CR, an ESC or a NUL in a logged value (an origin's error text, say) is escaped: one
+    event stays one line and cannot fake another line or colour a terminal."""
+    from proxyd.logs import _quote
+    assert _quote("plain") == "plain"
+    assert _quote("x\ry") == '"x\\ry"'
+    assert _quote("a\nb\tc") == '"a\\nb\\tc"'
+    assert _quote("esc\x1b[31m\x00") == '"esc\\x1b[31m\\x00"'
+    assert _quote('say "hi"\\') == '"say \\"hi\\"\\\\"'
