@@ -657,8 +657,10 @@ class ClientConnection(asyncio.Protocol):
             reusable = conn.finish() and self.req_done and keep
             if conn.reading_paused:
                 conn.resume_reading()
-            if reusable and self.resp is not None and (
-                    conn.private or authenticates_connection(self.req, self.resp)):
+            req, resp = self.req, self.resp
+            if reusable and resp is not None and req is not None and (
+                    conn.private or ((not req.plain or resp.status == 401)
+                                     and authenticates_connection(req, resp))):
                 conn.private = True  # kept for this client only, never pooled again
                 self.private = conn
             else:
