@@ -24,7 +24,7 @@ from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, Framing,
                     lower_names)
 from .router import redact_userinfo, valid_host_field
 from .tunnel import Tunnel
-from .upstream import ConnState, UpstreamConnection
+from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -43,6 +43,9 @@ _RETAIN_LIMIT = 65536  # request bytes kept for a retry; larger bodies are not r
 _PAUSE_UPSTREAM_FULL = 1
 _PAUSE_BUFFER_FULL = 2
 _PAUSE_CLIENT_SLOW = 4  # answers are not being read: no next request until they are
+# Private upstream connections (NTLM, Negotiate) one client connection may hold, one per
+# origin: a browser behind a proxy mixes hosts on one connection (HAProxy keeps 5).
+_MAX_PRIVATE = 4
 
 
 class ClientState(Constant):
@@ -93,9 +96,10 @@ class ClientConnection(asyncio.Protocol):
         self._corked = False
         self.tunnel: Tunnel | None = None
         self.fresh = False  # counted in worker.fresh_clients (no request begun yet)
-        # An upstream connection authenticated as this client (NTLM, Negotiate): it serves
-        # this client's next request and nobody else's, and closes with this connection.
-        self.private: UpstreamConnection | None = None
+        # Upstream connections authenticated as this client (NTLM, Negotiate), one per origin:
+        # each serves this client's next request to its origin and nobody else's, and closes
+        # with this connection.
+        self.private: dict[Pool, UpstreamConnection] | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -199,8 +203,9 @@ class ClientConnection(asyncio.Protocol):
             # The exchange did not finish: its connection holds a partial message.
             self.upstream = None
             upstream.close("client_aborted")
-        if self.private is not None:
-            self.private.close("private_client_closed")
+        if self.private:
+            for conn in self.private.values():
+                conn.close("private_client_closed")
             self.private = None
         if self.tunnel is not None and self.t_conn:
             # A tunnel that was established ends when either side closes it: its 200, with
@@ -332,21 +337,31 @@ class ClientConnection(asyncio.Protocol):
         elif not self._read_body():
             return
         self.deadline = math.inf  # the pool enforces pool_wait
-        if self.private is not None and self._take_private():
+        if self.private and self._take_private():
             return
         self.pool.acquire(self)
 
     def _take_private(self) -> bool:
-        """Run the request on this client's private connection if it can take it (same
-        origin, still open, not past its lifetime); else close that connection."""
-        conn, self.private = self.private, None
-        assert conn is not None
-        if conn.pool is self.pool and conn.state is ConnState.BUSY and not conn.expired(
-                time.monotonic()):
-            self.on_connection(conn, reused=True)
-            return True
-        conn.close("private_other_origin" if conn.pool is not self.pool else "not_reusable")
-        return False
+        """Run the request on this client's private connection to its origin, if it has one
+        that is still open and fresh."""
+        conn = self.private.pop(self.pool, None)  # type: ignore[union-attr, arg-type]
+        if conn is None or not self.pool.take_back(conn):  # type: ignore[union-attr]
+            return False
+        self.on_connection(conn, reused=True)
+        return True
+
+    def _keep_private(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for this client's next request to its origin (at most _MAX_PRIVATE
+        origins: the oldest goes first)."""
+        conn.private = True  # never pooled again
+        private = self.private
+        if private is None:
+            private = self.private = {}
+        elif len(private) >= _MAX_PRIVATE:
+            oldest = next(iter(private))
+            private.pop(oldest).close("private_limit")
+        private[self.pool] = conn  # type: ignore[index]
+        self.pool.set_aside(conn)  # type: ignore[union-attr]
 
     def _check(self, req: RequestHead) -> None:
         """Request-level rules that need no routing decision."""
@@ -661,8 +676,7 @@ class ClientConnection(asyncio.Protocol):
             if reusable and resp is not None and req is not None and (
                     conn.private or ((not req.plain or resp.status == 401)
                                      and authenticates_connection(req, resp))):
-                conn.private = True  # kept for this client only, never pooled again
-                self.private = conn
+                self._keep_private(conn)
             else:
                 self.pool.release(conn, reusable)  # type: ignore[union-attr]
         if not self.req_done:

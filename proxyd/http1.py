@@ -89,15 +89,20 @@ _MAX_CHUNK_SIZE = 1 << 62
 # (RFC 4559 §4: "the connection ... is authenticated"). Scheme names are case-insensitive
 # (RFC 9110 §11.1).
 _CONNECTION_AUTH = re.compile(rb"(?i)(?:ntlm|negotiate)(?:[ \t]|$)")
-# ... and in a WWW-Authenticate challenge list, as one of its challenges.
-_CONNECTION_CHALLENGE = re.compile(rb"(?i)(?:^|,)[ \t]*(?:ntlm|negotiate)(?:[ \t,]|$)")
+# ... and in a WWW-Authenticate list, a challenge of theirs that carries a token (NTLM's
+# type 2 message, a Negotiate continuation): the state the next request must find. The bare
+# offer ("WWW-Authenticate: NTLM") starts nothing yet, so it pins no connection: a client
+# that cannot answer it must not hold one upstream connection for its keep-alive's length.
+_CONNECTION_CHALLENGE = re.compile(
+    rb"(?i)(?:^|,)[ \t]*(?:ntlm|negotiate)[ \t]+[A-Za-z0-9+/=._~-]")
 
 
 def authenticates_connection(req: RequestHead, resp: ResponseHead) -> bool:
     """True when this exchange ties the origin's connection to the client: the request
-    carries NTLM or Negotiate credentials, or the response challenges for them (the next
-    request of the handshake must come on the same connection). Such a connection must never
-    serve another client: it is authenticated as this one (HAProxy marks it private too)."""
+    carries NTLM or Negotiate credentials, or the 401 carries a challenge token for them (the
+    next request of the handshake must come on the same connection). Such a connection must
+    never serve another client: it is authenticated as this one (HAProxy marks it private
+    too)."""
     if not req.plain and b"authorization" in req.lnames:
         for name, value in req.headers:
             if name.lower() == b"authorization" and _CONNECTION_AUTH.match(value):

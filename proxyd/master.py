@@ -512,7 +512,8 @@ class Master:
             gauges = w.stats.get("gauges", {})
             for label, p in sorted(gauges.get("pools", {}).items()):  # type: ignore[union-attr]
                 lines.append(f"  pool {label}: idle={p['idle']} busy={p['busy']} "
-                             f"connecting={p['connecting']} waiting={p['waiting']}")
+                             f"connecting={p['connecting']} private={p.get('private', 0)} "
+                             f"waiting={p['waiting']}")
             for origin, err in sorted(w.stats.get("recent_errors", {}).items()):  # type: ignore[union-attr]
                 lines.append(f"  last error {origin}: {err}")
         lines.append("")

@@ -303,7 +303,7 @@ def _process_metrics(v: MetricsView) -> Iterator[Any]:
     waiting = GaugeMetricFamily("proxyd_pool_waiting", "Requests waiting for a connection.",
                                 labels=["origin"])
     for label, pool in sorted(v.gauges.get("pools", {}).items()):
-        for state in ("idle", "busy", "connecting"):
+        for state in ("idle", "busy", "connecting", "private"):
             upstream.add_metric([label, state], pool.get(state, 0))
         waiting.add_metric([label], pool.get("waiting", 0))
     yield upstream

@@ -65,6 +65,8 @@ class Pool:
         self.learned_ttl = learned_ttl
         self.idle: list[UpstreamConnection] = []
         self.busy: set[UpstreamConnection] = set()
+        # Private to one client between its requests (NTLM, Negotiate): see set_aside().
+        self.private: set[UpstreamConnection] = set()
         self.connecting = 0
         self.waiters: collections.deque[tuple[float, Waiter]] = collections.deque()
         self.last_used = time.monotonic()
@@ -160,9 +162,38 @@ class Pool:
         if self.on_idle is not None:
             self.on_idle()
 
+    def set_aside(self, conn: UpstreamConnection) -> None:
+        """Take ``conn`` out of the pool's reckoning while it is private to one client between
+        that client's requests (authenticated as it: NTLM, Negotiate). It is nobody else's to
+        use, so an idle one must not hold a place under ``max_connections`` (HAProxy too
+        counts only what is in flight); it still closes after ``idle_ttl`` or the origin's
+        Keep-Alive timeout, as an idle connection does."""
+        self.busy.discard(conn)
+        self.private.add(conn)
+        conn.state = ConnState.IDLE
+        conn.idle_since = time.monotonic()
+        if self.waiters:
+            self._open_for_waiters()  # a place under max_connections came free
+
+    def take_back(self, conn: UpstreamConnection) -> bool:
+        """The client of a private connection has its next request for this origin: True
+        (the connection is busy again) unless it closed or expired meanwhile."""
+        self.private.discard(conn)
+        if conn.state is ConnState.CLOSED:
+            return False
+        reason = conn.expired(time.monotonic())
+        if reason:
+            conn.close(reason)
+            return False
+        conn.state = ConnState.BUSY
+        self.busy.add(conn)
+        self.last_used = time.monotonic()
+        return True
+
     def on_closed(self, conn: UpstreamConnection, reason: str) -> None:
         """Called by a connection when it closes, whatever the cause."""
         self.busy.discard(conn)
+        self.private.discard(conn)
         try:
             self.idle.remove(conn)
         except ValueError:
@@ -329,7 +360,7 @@ class Pool:
     def gauges(self) -> dict[str, int]:
         """Connection counts by state, for the metrics."""
         return {"idle": len(self.idle), "busy": len(self.busy), "connecting": self.connecting,
-                "waiting": len(self.waiters)}
+                "private": len(self.private), "waiting": len(self.waiters)}
 
     @property
     def quiet(self) -> bool:
@@ -345,5 +376,5 @@ class Pool:
     def close(self) -> None:
         """Stop refilling and close idle connections; busy ones close on release."""
         self.closed = True
-        for conn in list(self.idle):
+        for conn in list(self.idle) + list(self.private):
             conn.close("pool_closed")

@@ -294,6 +294,36 @@ def test_connection_authenticated_upstream_is_never_given_to_another_client(
         "alice's authenticated connection outlived her client connection"
 
 
+def test_private_connection_holds_no_place_in_the_pool_and_survives_other_origins(
+        proxyd, tls_origin, origin_factory):
+    """An idle private connection is nobody else's, so it must not hold one of
+    max_connections (found by review: with max_connections = 1 every other client got 503
+    while alice sat idle); and a client that turns to another origin and back still has its
+    authenticated connection (browsers mix hosts on one proxy connection)."""
+    o, other = tls_origin, origin_factory()
+    p = proxyd(workers=1, config={"pool": {"max_connections": 1, "learned_warm": 0},
+                                  "timeouts": {"pool_wait": 2.0}})
+    alice = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    for auth, want in (("NTLM type1", 401), ("NTLM type3-alice", 200)):
+        alice.request("GET", o.url("/ntlm"), headers={"Authorization": auth})
+        r = alice.getresponse()
+        assert (r.status, r.read()[:5]) == (want, b"hello" if want == 200 else b"who\n"[:5])
+    alice_conn = o.requests[-1].conn_id
+    t0 = time.monotonic()
+    r, body = get(p.port, o.url("/bytes/10"))  # bob, while alice's connection sits idle
+    assert (r.status, body) == (200, pattern_bytes(10)), (r.status, body)
+    assert time.monotonic() - t0 < 1.5, "bob waited for alice's private connection"
+    assert o.requests[-1].conn_id != alice_conn
+    alice.request("GET", other.url("/bytes/5"))  # alice turns to another origin ...
+    r = alice.getresponse()
+    assert (r.status, r.read()) == (200, pattern_bytes(5))
+    alice.request("GET", o.url("/ntlm"))  # ... and back: still authenticated
+    r = alice.getresponse()
+    assert (r.status, r.read()) == (200, b"hello alice\n")
+    assert o.requests[-1].conn_id == alice_conn
+    alice.close()
+
+
 def test_new_upstream_connections_resume_the_tls_session(proxyd, tls_origin):
     """With max_requests = 1 every request needs a new connection; after the first, each
     resumes the TLS session of a connection already open (no certificate exchange)."""

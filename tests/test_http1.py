@@ -1442,8 +1442,9 @@ def test_connection_auth_requests_leave_the_plain_path(auth, plain):
 
 
 @pytest.mark.parametrize("auth, challenge, status, private", [
-    (None, b"NTLM", 401, True),
-    (None, b"Basic realm=\"x\", Negotiate", 401, True),
+    (None, b"NTLM", 401, False),  # the bare offer: no state on the connection yet
+    (None, b"NTLM TlRMTVNTUAACAAAA", 401, True),  # a type 2 challenge
+    (None, b"Basic realm=\"x\", Negotiate oYIBBjCCAQKgAwoBAaEL", 401, True),
     (None, b"Basic realm=\"NTLM\"", 401, False),  # a realm, not a scheme
     (None, b"Bearer", 401, False),
     (b"NTLM TlRMTVNT", None, 200, True),

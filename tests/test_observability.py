@@ -85,7 +85,7 @@ SPEC = {
 }
 CLOSE_REASONS = {"idle_ttl", "origin_closed", "max_requests", "lifetime", "error",
                  "client_aborted", "not_reusable", "unexpected_data", "pool_closed",
-                 "private_client_closed", "private_other_origin"}
+                 "private_client_closed", "private_limit"}
 PROXY_STATUS_ERRORS = {  # RFC 9209 §2.3 error types
     "dns_timeout", "dns_error", "destination_not_found", "destination_unavailable",
     "destination_ip_prohibited", "destination_ip_unroutable", "connection_refused",
