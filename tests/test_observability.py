@@ -574,7 +574,7 @@ def test_metrics_match_spec(proxyd, tls_origin):
     for name, label, allowed in (("proxyd_tls_handshakes_total", "result", {"ok", "error"}),
                                  ("proxyd_pool_requests_total", "result", {"hit", "miss"}),
                                  ("proxyd_upstream_connections", "state",
-                                  {"idle", "busy", "connecting"})):
+                                  {"idle", "busy", "connecting", "private"})):
         if not values(name, label) <= allowed:
             problems.append(f"{name}{{{label}}} values {values(name, label)}")
     if o.authority not in values("proxyd_requests_total", "origin"):
