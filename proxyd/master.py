@@ -41,6 +41,10 @@ _HEARTBEAT_STALE = 5.0  # a worker silent this long does not count for the watch
 # ... and one silent this long is stuck: killed and replaced, so that the connections it
 # accepts do not hang forever (before systemd's WatchdogSec=30 restarts everything).
 _STUCK_KILL = 20.0
+# The master's loop wakes at least 4 times a second: a longer gap means the master itself did
+# not run (the process group frozen by SIGSTOP or `systemctl freeze`, a reload blocked reading
+# its file), and the workers' reports sat unread meanwhile.
+_MASTER_STALL = 2.0
 _STATUS_EVERY = 2.0
 
 
@@ -110,6 +114,7 @@ class Master:
         self.worker_restarts = 0
         self._last_status = 0.0
         self._last_watchdog = 0.0
+        self._heartbeats_checked = 0.0  # when _check_heartbeats last ran (monotonic)
         self._status_requests = (0.0, 0.0)  # (time, requests) at the last rate sample
         self._request_rate = 0.0  # req/s between the last two samples (every _STATUS_EVERY)
         self._wake_r, self._wake_w = os.pipe()
@@ -226,13 +231,15 @@ class Master:
                       extra={"fields": fields})
             self._abort_reload()
             return
-        if self.announced:
+        if self.announced and any(w.ready for w in self._serving()):
             # A replacement for a worker that died. The others keep serving (so do nginx's
-            # and HAProxy's); what stopped it (a CA file being rotated, say) may pass.
+            # and HAProxy's); what stopped it (a CA file being rotated, say) may pass. With
+            # none left serving, retrying would leave clients hanging in the listen queue:
+            # stop instead, as at start-up (systemd's Restart= takes over).
             delay = self._respawn_later()
             log.error("replacement worker could not start; others keep serving, retrying",
                       extra={"fields": {**fields, "retry_in_s": round(delay, 1),
-                                        "serving": len(self._serving())}})
+                                        "serving": sum(w.ready for w in self._serving())}})
             return
         log.critical("worker could not start; stopping", extra={"fields": fields})
         self.exit_code = 1
@@ -320,7 +327,11 @@ class Master:
         """A serving worker reports every second. One that stops (a bug looping, a SIGSTOP,
         the machine swapping) is named after _HEARTBEAT_STALE and killed after _STUCK_KILL
         to be replaced — as HAProxy's watchdog kills a stuck process."""
+        stalled = self._heartbeats_checked and now - self._heartbeats_checked > _MASTER_STALL
+        self._heartbeats_checked = now
         for w in list(self.workers.values()):
+            if stalled:
+                w.last_seen = max(w.last_seen, now)  # their silence proves nothing: start over
             if not w.ready or w.draining or w.killed:
                 continue
             fields = {"worker_pid": w.pid, "silent_s": round(now - w.last_seen, 1)}

@@ -707,6 +707,20 @@ def test_replacement_that_cannot_boot_is_retried_while_the_others_serve(proxyd, 
     assert "msg=stopped" not in p.stderr_text()
 
 
+def test_no_worker_left_that_can_boot_stops_the_master(proxyd, tls_origin, ca_pem, tmp_path):
+    """With no worker left serving, retrying a replacement that cannot boot would leave new
+    clients hanging in the listen queue (found by review): the master stops with status 1,
+    as at start-up, and systemd's Restart= takes over."""
+    ca = tmp_path / "rotating-ca.pem"
+    shutil.copy(ca_pem, ca)
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1, ca_file=ca)
+    [worker] = p.worker_pids()
+    ca.rename(tmp_path / "moved-away.pem")
+    os.kill(worker, signal.SIGKILL)
+    assert wait_exit(p, 10) == 1, p.stderr_text()[-3000:]
+    assert "worker could not start; stopping" in p.stderr_text()
+
+
 def test_usr1_usr2_neither_kill_nor_restart(proxyd, tls_origin):
     """nginx reopens logs on SIGUSR1 and HAProxy reloads on SIGUSR2: an operator's habit must
     not take proxyd down (the default action of both is to terminate)."""
@@ -806,6 +820,32 @@ def test_stuck_worker_is_named_then_replaced(tmp_path, tls_origin, ca_pem):
         assert other in now and len(now) == 2, now
         status, body, _ = get(p.port, tls_origin.url("/bytes/10"))
         assert (status, body) == (200, pattern_bytes(10))
+    finally:
+        p.close()
+
+
+def test_a_frozen_master_does_not_kill_its_workers_as_stuck(tmp_path, tls_origin, ca_pem):
+    """`systemctl freeze`, `docker pause` or Ctrl-Z stop the master with its workers; after
+    the thaw their reports are still unread, so their silence must not get them killed as
+    stuck (found by review: every worker was SIGKILLed, in-flight requests cut)."""
+    argv = [sys.executable, "-c", _STUCK_SCRIPT, "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--workers", "1", "--ca-file", str(ca_pem),
+            "--origin", tls_origin.authority, "--warm", "1"]
+    p = ProxydProcess(argv, None, None)
+    try:
+        p.wait_ready()
+        pids = [p.pid] + p.worker_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(5.0)  # the frozen spell itself is what is tested (4 s kills a worker here)
+        mark = p.log_mark()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        status, body, _ = get(p.port, tls_origin.url("/bytes/10"))
+        assert (status, body) == (200, pattern_bytes(10))
+        assert p.wait_for_log(r"stuck|not responding", 3, start=mark) is None, \
+            p.stderr_text()[-2000:]
+        assert p.worker_pids() == pids[1:]
     finally:
         p.close()
 
