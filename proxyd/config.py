@@ -111,7 +111,8 @@ class OriginConfig:
     @property
     def server_hostname(self) -> str:
         """Name sent in SNI and checked against the certificate."""
-        return self.sni or self.host
+        # RFC 6066 §3: HostName is sent without a trailing dot (a configured one is dropped).
+        return (self.sni or self.host).rstrip(".") or self.host
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,16 +155,12 @@ _VIA_RECEIVED_BY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[0-9]+)?")
 # realm="..."). Printable ASCII and space without '"' and '\' is qdtext as it stands,
 # needing no quoted-pair, and can end neither the string nor the field (the simplest safe
 # subset).
-_REALM = re.compile(r'[ !#-\[\]-~]*')
+_REALM = re.compile(r'[^"\\\x00-\x1f\x7f]*')
 # destinations.*_hosts: shell patterns over host names (fnmatch: * ? [seq] [!seq]).
-_HOST_PATTERN = re.compile(r"[A-Za-z0-9\-._:*?\[\]!]+")
+_HOST_PATTERN = re.compile(r"[A-Za-z0-9\-._:%*?\[\]!]+")  # %: an IPv6 zone
 # RFC 1123 §2.1 host name label: letters, digits and hyphens, not at either end, 1 to 63
 # octets; "_" is accepted as resolvers accept it (common in internal names).
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-# What a request head needs beyond its request line (RFC 9112 §2.1, §3.2): the line's
-# CR LF, a Host field with the longest DNS name and a port ("Host: " + 253 + ":65535" +
-# CR LF = 267 bytes) and the empty line, rounded up to leave room for a few more fields.
-_HEAD_BEYOND_REQUEST_LINE = 512
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _POOL_KEYS = ("warm", "max_connections", "idle_ttl", "lifetime", "max_requests")
 # TOML v1.0.0, String: a basic string escapes '"', '\\' and every control character.
@@ -347,14 +344,12 @@ def _host_problem(host: str, sni: bool) -> str | None:
         return f"must be {what} without a port (the port has its own key)"
     if not host.isascii():
         return "write an internationalised name in its ASCII form (xn--...)"
-    if sni and host.endswith("."):
-        return "SNI carries a host name without a trailing dot (RFC 6066 §3)"
     name = host[:-1] if host.endswith(".") else host  # a trailing dot: fully qualified
     labels = name.split(".")
     if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         return (f"must be {what}: letters, digits, '-' and '_' in dot-separated labels "
                 "of 1 to 63 characters")
-    if labels[-1].isdigit():
+    if all(label.isdigit() for label in labels):
         # "1.2.3" or "010.0.0.1": getaddrinfo reads such names as (legacy forms of) IPv4.
         return "an all-numeric name that is not a valid IPv4 address"
     return None
@@ -393,8 +388,8 @@ def validate(cfg: Config) -> None:
     if cfg.access.users_file:
         _check_users_file(cfg.access.users_file, src)
     if _REALM.fullmatch(cfg.access.realm) is None:
-        raise ConfigError(f"{src}: access.realm: printable ASCII and spaces only, without '\"' "
-                          f"or '\\' (it is quoted in Proxy-Authenticate), got {cfg.access.realm!r}")
+        raise ConfigError(f"{src}: access.realm: no control characters, '\"' or '\\' (it is "
+                          f"quoted in Proxy-Authenticate), got {cfg.access.realm!r}")
     _check_host_patterns(cfg.destinations, src)
     for key in ("deny_networks", "allow_networks"):
         for net in getattr(cfg.destinations, key):
@@ -431,8 +426,10 @@ def _check_listeners_differ(cfg: Config) -> None:
     (ip_a, port_a), (ip_b, port_b) = a, b
     if port_a != port_b or port_a == 0 or ip_a is None or ip_b is None:
         return  # port 0: two different free ports; a name: only known when resolved
-    # A wildcard address (0.0.0.0, ::) takes the port on every address of its family.
-    wildcard = ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
+    # A wildcard address takes the port on every address of its family, and "::" (dual-stack
+    # on Linux unless net.ipv6.bindv6only) on the IPv4 ones too.
+    wildcard = any(ip.is_unspecified and (ip.version == other.version or ip.version == 6)
+                   for ip, other in ((ip_a, ip_b), (ip_b, ip_a)))
     if ip_a == ip_b or wildcard:
         raise ConfigError(f"{cfg.source}: metrics_listen: {cfg.metrics_listen} overlaps listen "
                           f"{cfg.listen}; the two listeners need different ports")
@@ -500,11 +497,11 @@ def _check_positive(value: int | float, key: str, src: str) -> None:
 
 def _validate_limits(limits: Limits, src: str) -> None:
     _validate_positive(limits, "limits", src)
-    if limits.head_size < limits.request_line + _HEAD_BEYOND_REQUEST_LINE:
+    if limits.head_size < limits.request_line:
         raise ConfigError(
-            f"{src}: limits.head_size: {limits.head_size} cannot hold a request line of "
-            f"limits.request_line = {limits.request_line} bytes and a Host field; it must be "
-            f"at least request_line + {_HEAD_BEYOND_REQUEST_LINE}")
+            f"{src}: limits.head_size: {limits.head_size} is smaller than limits.request_line = "
+            f"{limits.request_line}: a request line that long could never be read (the head "
+            "holds it, a Host field and the rest)")
 
 
 def _validate_learned(pool: PoolConfig, src: str) -> None:
