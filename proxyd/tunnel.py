@@ -61,8 +61,8 @@ class Tunnel:
             transport.writelines(self.pending)  # type: ignore[attr-defined]
             self.pending = []
             self.client.resume_tunnel_reading()
-        if self.client_eof_pending and transport.can_write_eof():  # type: ignore[attr-defined]
-            transport.write_eof()  # type: ignore[attr-defined]
+        if self.client_eof_pending:
+            _half_close(transport)  # type: ignore[arg-type]
 
     def from_client(self, data: bytes) -> None:
         """Bytes from the client towards the target."""
@@ -81,8 +81,8 @@ class Tunnel:
         self.client_done = True
         if self.transport is None:
             self.client_eof_pending = True
-        elif self.transport.can_write_eof():
-            self.transport.write_eof()
+        else:
+            _half_close(self.transport)
         if self.target_done:
             self._both_done()
         return True
@@ -129,6 +129,18 @@ class Tunnel:
             self.transport.close()
         elif self._task is not None:
             self._task.cancel()
+
+
+def _half_close(transport: asyncio.Transport) -> None:
+    """Pass the client's half-close on to the target. A target that reset meanwhile has no
+    sending side left to shut (asyncio raises ENOTCONN): the tunnel is over, so abort it
+    rather than let the error surface as a traceback in the log."""
+    if not transport.can_write_eof():
+        return
+    try:
+        transport.write_eof()
+    except OSError:
+        transport.abort()
 
 
 class _TunnelPeer(asyncio.Protocol):
