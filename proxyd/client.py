@@ -796,9 +796,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _finish(self) -> None:
         """The exchange is over; read the next request or close."""
-        if not self.keep_alive or self.worker.draining:
+        if not self.keep_alive:
             self._close()
             return
+        # Draining, with keep-alive promised (the head went out before the drain began): the
+        # client may send its next request at once, so the connection stays for the drain's
+        # grace; that request is answered with Connection: close (see Worker._drain).
         self._reset_exchange()
         self.state = ClientState.HEAD
         waiting = self.parser.next_message()

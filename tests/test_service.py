@@ -478,6 +478,31 @@ def test_reload_answers_the_next_request_of_a_quiet_keep_alive_client(proxyd, tl
     assert closes >= 4, "the draining worker should answer with Connection: close"
 
 
+def test_reload_answers_the_next_request_after_an_inflight_keep_alive_response(
+        proxyd, tls_origin):
+    """The head of a response in flight when the drain began promised keep-alive, so its
+    client sends the next request at once: the draining worker closed the connection as the
+    body ended, and that request was reset (found by a client-matrix sweep: requests, httpx,
+    http.client, Node failed every time). It is answered, with Connection: close."""
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
+               config={"access_log": False})
+    old = p.worker_pids()
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    conn.request("GET", tls_origin.url("/slow-body/1.5?size=3000&steps=10"))
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("Connection", "").lower() != "close"
+    mark = p.log_mark()
+    p.proc.send_signal(signal.SIGHUP)
+    assert p.wait_for_log(r"msg=reloaded\b", 10, start=mark), p.stderr_text()[-2000:]
+    assert r.read() == pattern_bytes(3000)
+    conn.request("GET", tls_origin.url("/bytes/10"))  # at once, on the same connection
+    r = conn.getresponse()
+    assert (r.status, r.read()) == (200, pattern_bytes(10))
+    assert r.getheader("Connection", "").lower() == "close"
+    conn.close()
+    wait_reaped(p, old)
+
+
 def test_sighup_while_a_reload_starts_is_not_lost(proxyd, tls_origin):
     """A second SIGHUP while the first reload's workers are still warming up: the file may
     have changed again, so the last one must win (as with nginx and HAProxy) — it runs when
