@@ -411,25 +411,40 @@ def test_reload_changes_worker_count_and_log_level(proxyd, tls_origin):
         "no worker debug line after reloading to log_level = debug\n" + p.stderr_text()[-3000:]
 
 
+def _silent_origin() -> socket.socket:
+    """A listener that accepts TCP and never speaks TLS: warming up to it holds a reload's
+    new generation until its TLS handshake times out."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    return silent
+
+
+def _start_a_reload_held_open(proxyd, tls_origin, silent: socket.socket, extra: str,
+                              handshake: float):
+    """Start proxyd, then SIGHUP to a config whose origin is ``silent``; returns once the
+    new generation's worker is up (and warming): (proxyd, the old worker pids, log mark)."""
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1, config={"access_log": False})
+    old_pids = set(p.worker_pids())
+    p.config_path.write_text(
+        f'access_log = false\n{extra}[timeouts]\ntls_handshake = {handshake}\n'
+        f'[[origin]]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\nwarm = 1\n')
+    mark = p.log_mark()
+    p.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not set(p.worker_pids()) - old_pids:
+        assert time.monotonic() < deadline, "no new worker after SIGHUP"
+        time.sleep(0.02)
+    return p, old_pids, mark
+
+
 def test_readyz_stays_ready_while_a_reload_warms_up(proxyd, tls_origin):
     """The old generation serves until the new one is ready, so a reload must not make a load
     balancer pull the node: /readyz stays 200 throughout."""
-    silent = socket.socket()  # accepts TCP, never speaks TLS: holds the reload open
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
+    silent = _silent_origin()
     try:
-        p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
-                   config={"access_log": False})
-        old_pids = set(p.worker_pids())
-        p.config_path.write_text(
-            f'access_log = false\n[timeouts]\ntls_handshake = 1.0\n'
-            f'[[origin]]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\nwarm = 1\n')
-        mark = p.log_mark()
-        p.proc.send_signal(signal.SIGHUP)
+        p, old_pids, mark = _start_a_reload_held_open(proxyd, tls_origin, silent, "", 1.0)
         deadline = time.monotonic() + 10
-        while not set(p.worker_pids()) - old_pids:  # the new generation is warming up
-            assert time.monotonic() < deadline, "no new worker after SIGHUP"
-            time.sleep(0.02)
         conn = http.client.HTTPConnection("127.0.0.1", p.metrics_port, timeout=IO_TIMEOUT)
         statuses = []
         while p.wait_for_log(r"msg=reloaded\b", 0, start=mark) is None:
@@ -507,22 +522,10 @@ def test_sighup_while_a_reload_starts_is_not_lost(proxyd, tls_origin):
     """A second SIGHUP while the first reload's workers are still warming up: the file may
     have changed again, so the last one must win (as with nginx and HAProxy) — it runs when
     the first reload ends, not never."""
-    silent = socket.socket()  # accepts TCP, never speaks TLS: holds the first reload open
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
+    silent = _silent_origin()
     try:
-        p = proxyd(workers=1, origins=[tls_origin.authority], warm=1,
-                   config={"access_log": False})
-        old_pids = set(p.worker_pids())
-        p.config_path.write_text(
-            f'access_log = false\nvia = "gen-b"\n[timeouts]\ntls_handshake = 2.0\n'
-            f'[[origin]]\nhost = "127.0.0.1"\nport = {silent.getsockname()[1]}\nwarm = 1\n')
-        mark = p.log_mark()
-        p.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while not set(p.worker_pids()) - old_pids:  # the first reload's worker has started
-            assert time.monotonic() < deadline, "no new worker after SIGHUP"
-            time.sleep(0.02)
+        p, old_pids, mark = _start_a_reload_held_open(proxyd, tls_origin, silent,
+                                                      'via = "gen-b"\n', 2.0)
         first_reload = set(p.worker_pids()) - old_pids
         p.config_path.write_text('access_log = false\nvia = "gen-c"\n')
         p.proc.send_signal(signal.SIGHUP)
