@@ -821,14 +821,19 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+def _proxyd_with_short_heartbeat_limits(tls_origin, ca_pem, workers: int) -> ProxydProcess:
+    """proxyd whose master calls a worker silent after 1.5 s and stuck after 4 s."""
+    argv = [sys.executable, "-c", _STUCK_SCRIPT, "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0", "--workers", str(workers), "--ca-file",
+            str(ca_pem), "--origin", tls_origin.authority, "--warm", "1"]
+    return ProxydProcess(argv, None, None)
+
+
 def test_stuck_worker_is_named_then_replaced(tmp_path, tls_origin, ca_pem):
     """A worker that stops reporting (here SIGSTOP; in life a loop or swapping) is named in a
     warning, makes /readyz 503, and is killed and replaced — the connections it would accept
     must not hang until systemd's watchdog restarts everything."""
-    argv = [sys.executable, "-c", _STUCK_SCRIPT, "--listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0", "--workers", "2", "--ca-file", str(ca_pem),
-            "--origin", tls_origin.authority, "--warm", "1"]
-    p = ProxydProcess(argv, None, None)
+    p = _proxyd_with_short_heartbeat_limits(tls_origin, ca_pem, workers=2)
     try:
         p.wait_ready()
         stuck, other = sorted(p.worker_pids())
@@ -856,10 +861,7 @@ def test_a_frozen_master_does_not_kill_its_workers_as_stuck(tmp_path, tls_origin
     """`systemctl freeze`, `docker pause` or Ctrl-Z stop the master with its workers; after
     the thaw their reports are still unread, so their silence must not get them killed as
     stuck (found by review: every worker was SIGKILLed, in-flight requests cut)."""
-    argv = [sys.executable, "-c", _STUCK_SCRIPT, "--listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0", "--workers", "1", "--ca-file", str(ca_pem),
-            "--origin", tls_origin.authority, "--warm", "1"]
-    p = ProxydProcess(argv, None, None)
+    p = _proxyd_with_short_heartbeat_limits(tls_origin, ca_pem, workers=1)
     try:
         p.wait_ready()
         pids = [p.pid] + p.worker_pids()
