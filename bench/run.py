@@ -1326,9 +1326,12 @@ def sc_overhead(env: Env) -> tuple[dict, list[Row]]:
     per: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     # Many short rounds rather than a few long ones: the costs measured here are a few per
-    # cent, round-to-round noise on a shared 2-core machine is about ±10 %.
+    # cent, round-to-round noise on a shared 2-core machine is about ±10 %. 16 rounds of 3 s
+    # (rather than 8 of 6 s, the same time) put a round's variants 9 s apart instead of 18,
+    # and give the median twice the pairs: in two runs of 8 x 6 s on the same code the
+    # metrics cost read +9.5 % and -0.8 %.
     rounds = args.overhead_rounds
-    duration = 2.0 if args.quick else min(args.duration, 6.0)
+    duration = 2.0 if args.quick else min(args.duration, 3.0)
     for r in range(rounds):
         for v in rotate(list(variants), r):
             res = run_wrk(env, insts[v], "1k", 32, duration, f"overhead round {r + 1}")
@@ -1576,7 +1579,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds per wrk measurement (default 10; --quick 2)")
     p.add_argument("--warmup", type=float, default=None, help="wrk warm-up seconds per proxy (default 2; --quick 1)")
     p.add_argument("--overhead-rounds", type=int, default=None,
-                   help="overhead: rounds (default 8 x 6 s; --quick 1 x 2 s): the costs measured "
+                   help="overhead: rounds (default 16 x 3 s; --quick 1 x 2 s): the costs measured "
                         "there are smaller than the round-to-round noise")
     p.add_argument("--idle", type=float, default=15.0,
                    help="wan: seconds the pools sit idle before the second burst (default 15)")
@@ -1604,7 +1607,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.rounds = a.rounds or (1 if q else 3)
     a.duration = a.duration or (2.0 if q else 10.0)
     a.warmup = a.warmup if a.warmup is not None else (1.0 if q else 2.0)
-    a.overhead_rounds = a.overhead_rounds or (1 if q else 8)
+    a.overhead_rounds = a.overhead_rounds or (1 if q else 16)
     a.wan_requests = a.wan_requests or (15 if q else 40)
     a.seq_requests = a.seq_requests or (500 if q else 2000)
     names: list[str] = []
