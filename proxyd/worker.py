@@ -59,6 +59,9 @@ class Worker:
         self.cfg = cfg
         self.sock = listen_sock
         self.report_fd = report_fd
+        self._report_pending = b""  # the part of the reports the pipe has not taken yet
+        if report_fd is not None:
+            os.set_blocking(report_fd, False)
         self.timeouts = cfg.timeouts
         self.limits = cfg.limits
         lim = cfg.limits
@@ -337,13 +340,40 @@ class Worker:
         self._report({"event": "ready", "pid": os.getpid(),
                       "warm": sum(len(p.idle) for p in self.pools.values())})
 
-    def _report(self, message: dict[str, object]) -> None:
+    def _report(self, message: dict[str, object], final: bool = False) -> None:
+        """Send ``message`` to the master, one JSON line.
+
+        The pipe is non-blocking: a master that does not run for a while (a frozen process
+        group, a reload blocked reading its file) must not stop this worker serving once the
+        pipe's 64 KiB are full. A stats report that finds the pipe still full is dropped —
+        the next one carries the same absolute counts; other messages wait their turn, and
+        a line is never split. ``final`` (the last report before exit) waits for room."""
         if self.report_fd is None:
             return
+        if self._report_pending:
+            self._flush_reports(final)
+            if self._report_pending and message.get("event") == "stats" and not final:
+                return
+        self._report_pending += json.dumps(message).encode() + b"\n"
+        self._flush_reports(final)
+
+    def _flush_reports(self, block: bool) -> None:
+        fd = self.report_fd
+        assert fd is not None
+        if block:
+            os.set_blocking(fd, True)
         try:
-            os.write(self.report_fd, json.dumps(message).encode() + b"\n")
+            while self._report_pending:
+                sent = os.write(fd, self._report_pending)
+                self._report_pending = self._report_pending[sent:]
+        except BlockingIOError:
+            pass  # the master has not read yet: the rest goes with the next report
         except OSError:
+            self._report_pending = b""
             self._stop.set()  # the master is gone
+        finally:
+            if block:
+                os.set_blocking(fd, False)
 
     async def _housekeeping(self) -> None:
         last_stats = 0.0
@@ -366,7 +396,7 @@ class Worker:
                 last_stats = now
                 self._report_stats()
 
-    def _report_stats(self) -> None:
+    def _report_stats(self, final: bool = False) -> None:
         self.exchanges.flush()
         pools: dict[str, dict[str, int]] = {}
         recent: dict[str, str] = {}
@@ -381,7 +411,7 @@ class Worker:
         self._report({"event": "stats", "pid": os.getpid(), **snapshot,
                       "gauges": {"client_connections": len(self.clients), "pools": pools,
                                  "resident_memory_bytes": _resident_bytes()},
-                      "recent_errors": recent})
+                      "recent_errors": recent}, final)
 
     async def _drain(self) -> None:
         """Stop accepting, let in-flight exchanges finish, close the rest."""
@@ -414,7 +444,7 @@ class Worker:
             pool.close()
         self.exchanges.flush()
         self.access_log.flush()
-        self._report_stats()  # final counters, so the master's totals lose nothing
+        self._report_stats(final=True)  # final counters, so the master's totals lose nothing
 
 
 def _wake_alone(loop: asyncio.AbstractEventLoop, fd: int) -> bool:

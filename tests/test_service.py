@@ -880,6 +880,33 @@ def test_a_frozen_master_does_not_kill_its_workers_as_stuck(tmp_path, tls_origin
         p.close()
 
 
+def test_workers_keep_serving_while_the_master_does_not_read(proxyd, tls_origin):
+    """Workers report to the master through a pipe; while the master does not run (frozen,
+    a reload blocked reading its file) the pipe fills — in about 3 s with 60 origins'
+    counters — and a blocking write stopped the worker serving (found by a sweep: every
+    request timed out until the master ran again). Reports that find the pipe full wait or
+    are dropped (the next one carries the same absolute counts)."""
+    p = proxyd(workers=1, origins=[tls_origin.authority], warm=1, config={"access_log": False})
+    for _ in range(60):  # 60 learned origins, each with its counters in every report
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        get(p.port, f"http://127.0.0.1:{port}/", timeout=5)  # 502: connection refused
+    os.kill(p.pid, signal.SIGSTOP)
+    try:
+        time.sleep(6.0)  # the master's absence is what is tested: ~6 reports of ~20 KB
+        t0 = time.monotonic()
+        status, body, _ = get(p.port, tls_origin.url("/bytes/10"), timeout=3)
+        assert (status, body) == (200, pattern_bytes(10))
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    mark = p.log_mark()
+    status, _, _ = get(p.port, tls_origin.url("/bytes/10"))
+    assert status == 200
+    assert p.wait_for_log(r"stuck|not responding", 3, start=mark) is None, p.stderr_text()[-2000:]
+
+
 def test_workers_exit_when_master_is_killed(proxyd, tls_origin):
     p = proxyd(workers=2, origins=[tls_origin.authority], warm=1)
     workers = p.worker_pids()
