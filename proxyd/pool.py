@@ -339,8 +339,9 @@ class Pool:
 
     # -- housekeeping -------------------------------------------------------------------------
     def sweep(self, now: float) -> None:
-        """Periodic upkeep: expire idle connections and waiters, refill the warm floor."""
-        for conn in [c for c in self.idle if c.expired(now)]:
+        """Periodic upkeep: expire idle (and set-aside private) connections and waiters,
+        refill the warm floor."""
+        for conn in [c for c in (*self.idle, *self.private) if c.expired(now)]:
             conn.close(conn.expired(now))
         while self.waiters and self.waiters[0][0] <= now:
             _, waiter = self.waiters.popleft()
@@ -364,8 +365,10 @@ class Pool:
 
     @property
     def quiet(self) -> bool:
-        """True when nothing is in flight: no busy connection, no waiter, none opening."""
-        return not self.busy and not self.waiters and not self.connecting
+        """True when nothing is in flight or held: no busy connection, no waiter, none
+        opening, none set aside for a client (closing that pool would undo the client's
+        NTLM/Negotiate authentication)."""
+        return not self.busy and not self.waiters and not self.connecting and not self.private
 
     @property
     def unused(self) -> bool:

@@ -324,6 +324,35 @@ def test_private_connection_holds_no_place_in_the_pool_and_survives_other_origin
     alice.close()
 
 
+def test_private_connection_expires_like_an_idle_one_and_keeps_its_pool(
+        proxyd, tls_origin, origin_factory):
+    """Found by a sweep: a set-aside private connection was never swept (it outlived idle_ttl
+    until its client's next request), and the learned-pool cap evicted the pool holding it,
+    undoing a connected client's authentication."""
+    o, other = tls_origin, origin_factory()
+    p = proxyd(workers=1, config={"pool": {"learned_max": 1, "learned_warm": 0}})
+    alice = http.client.HTTPConnection("127.0.0.1", p.port, timeout=IO_TIMEOUT)
+    for auth in ("NTLM type1", "NTLM type3-alice"):
+        alice.request("GET", o.url("/ntlm"), headers={"Authorization": auth})
+        alice.getresponse().read()
+    r, _ = get(p.port, other.url("/bytes/1"))  # a second learned origin: over the cap of 1
+    assert r.status == 200
+    alice.request("GET", o.url("/ntlm"))
+    r = alice.getresponse()
+    assert (r.status, r.read()) == (200, b"hello alice\n"), "the cap evicted alice's pool"
+    alice.close()
+
+    q = proxyd(workers=1, config={"pool": {"idle_ttl": 1.0, "learned_warm": 0}})
+    bob = http.client.HTTPConnection("127.0.0.1", q.port, timeout=IO_TIMEOUT)
+    for auth in ("NTLM type1", "NTLM type3-bob"):
+        bob.request("GET", o.url("/ntlm"), headers={"Authorization": auth})
+        bob.getresponse().read()
+    bob_conn = o.requests[-1].conn_id
+    assert o.wait_for(lambda: o.connections[bob_conn].closed, 5), \
+        "a private connection idle past idle_ttl was not closed"
+    bob.close()
+
+
 def test_new_upstream_connections_resume_the_tls_session(proxyd, tls_origin):
     """With max_requests = 1 every request needs a new connection; after the first, each
     resumes the TLS session of a connection already open (no certificate exchange)."""
