@@ -46,6 +46,11 @@ class Waiter(Protocol):
     def on_pool_error(self, exc: errors.ProxyError) -> None: ...
 
 
+# Why a connection closed when the origin ended it (not proxyd's own decision).
+_ORIGIN_CLOSES = frozenset({"origin_closed", "error", "unexpected_data"})
+_EARLY_CLOSE = 1.0  # seconds after its handshake within which such a close is a failure
+
+
 class Pool:
     """Connections to one origin (scheme, host, port) within one worker."""
 
@@ -71,6 +76,9 @@ class Pool:
         self.waiters: collections.deque[tuple[float, Waiter]] = collections.deque()
         self.last_used = time.monotonic()
         self.failures = 0          # consecutive failed opens, for back-off
+        # New connections the origin closed before any request since one last served: the
+        # origin takes handshakes but not requests (it wants a client certificate, say).
+        self.early_closes = 0
         self.retry_at = 0.0        # no background refill before this time
         self.last_error = ""
         self.closed = False
@@ -145,6 +153,10 @@ class Pool:
         """Return a connection after an exchange; closes it unless it is clean and fresh."""
         if conn.state is ConnState.CLOSED:
             return
+        if reusable and self.early_closes:
+            self.early_closes = 0  # the origin serves requests after all
+            self.failures = 0
+            self.retry_at = 0.0
         now = time.monotonic()
         reason = "" if reusable else "not_reusable"
         reason = reason or conn.expired(now) or ("pool_closed" if self.closed else "")
@@ -200,6 +212,16 @@ class Pool:
             pass
         self.stats.upstream_closed += 1
         self.ostats.closed[reason] += 1
+        if (not conn.requests and reason in _ORIGIN_CLOSES and not self.closed
+                and time.monotonic() - conn.created < _EARLY_CLOSE):
+            # The origin took the handshake, then closed at once, before any request (one
+            # that requires a client certificate does so under TLS 1.3, after the
+            # handshake): a failure for the back-off, or the refill would reopen it at
+            # once, forever. (An origin's idle timeout closing a spare later is no failure.)
+            self.early_closes += 1
+            self._origin_failed(errors.UpstreamError(
+                f"origin closed a new connection before any request ({reason}); it may "
+                "require a client certificate"))
         if self.key.tls and time.monotonic() >= self._session_until:
             # Keep its ticket: with max_requests = 1, or after a quiet spell, no live
             # connection may be left to take one from when the next one is opened.
@@ -293,10 +315,10 @@ class Pool:
             stats.handshake_seconds += handshake
             self.ostats.handshakes_ok += 1
             self.ostats.handshake.observe(handshake)
-        if self.failures:
+        if self.failures and not self.early_closes:
             log.info("origin %s reachable again after %d failed attempts", self.key, self.failures)
-        self.failures = 0
-        self.retry_at = 0.0
+            self.failures = 0
+            self.retry_at = 0.0
         if self.closed:
             conn.close("pool_closed")
         elif self.waiters:

@@ -376,6 +376,51 @@ class FlakyOrigin:
         self.sock.close()
 
 
+class HandshakeOnlyOrigin:
+    """Completes every TLS handshake, then closes at once: what an origin that requires a
+    client certificate looks like under TLS 1.3 (its alert comes after the handshake)."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.handshakes = 0
+        self.sock, self.port, accepting = listen_in_thread(self._accept, "handshake-only",
+                                                           backlog=16)
+        accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                self.ctx.wrap_socket(raw, server_side=True).close()
+                self.handshakes += 1
+            except OSError:
+                raw.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@run_async
+async def test_an_origin_that_closes_new_connections_at_once_is_backed_off(ca, ca_pem):
+    """Found by a sweep: each warm connection the origin closed right after its handshake
+    was refilled at once — 4 handshakes a second, forever (1,195 for one curl request)."""
+    origin = HandshakeOnlyOrigin(server_context(ca))
+    try:
+        cfg = config.apply_flags(make_cfg(ca_pem), origins=[f"localhost:{origin.port}"],
+                                 warm=1)
+        async with running_worker(cfg) as (worker, _):
+            pool = worker.pools[OriginKey("localhost", origin.port, True)]
+            await wait_until(lambda: pool.early_closes >= 1)
+            await asyncio.sleep(3.0)  # what happens over time is what is tested
+            assert origin.handshakes <= 4, f"{origin.handshakes} handshakes in ~3 s"
+            assert pool.failures and "before any request" in pool.last_error
+    finally:
+        origin.close()
+
+
 @pytest.fixture
 def flaky_origin(ca):
     o = FlakyOrigin(server_context(ca))
@@ -437,6 +482,7 @@ class FakeConn:
     def __init__(self, session: FakeSession | None) -> None:
         self.session = session
         self.reads = 0
+        self.requests = 1  # it served: its close is no early close
 
     def tls_session(self) -> FakeSession | None:
         self.reads += 1
