@@ -210,7 +210,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None and self.t_conn:
             # A tunnel that was established ends when either side closes it: its 200, with
             # the bytes each way (as Squid logs CONNECT).
-            self._log(200, "")
+            self._log(200, self.tunnel.error)
         elif self.req is not None and state is not ClientState.HEAD:
             self._log(self._status_so_far(), "client_aborted")
 
@@ -303,6 +303,11 @@ class ClientConnection(asyncio.Protocol):
                 # (the parser checked): only authentication is left to check.
                 self._check(req)
             if req.method == b"CONNECT":
+                if req.framing is Framing.CHUNKED or req.content_length:
+                    # RFC 9110 §9.3.6: a CONNECT request has no content; what framing fields
+                    # promise, a peer in front may read differently from the tunnel's bytes.
+                    raise errors.ParseError("a CONNECT request has no content: "
+                                            "Content-Length or Transfer-Encoding refused")
                 host, port = worker.router.route_connect(req.target)
                 worker.connector.policy.check_host(host)
                 self.state = ClientState.TUNNEL
@@ -322,6 +327,11 @@ class ClientConnection(asyncio.Protocol):
             if worker.host_rules:
                 worker.connector.policy.check_host(route.origin.host)
         except errors.ProxyError as exc:
+            if req.method == b"CONNECT" and (exc.status != 407 or self.parser.buffered):
+                # What follows a refused CONNECT's head was meant as tunnel data: never read
+                # it as requests. (A 407 with nothing behind it keeps the connection for the
+                # retry with credentials.)
+                self.keep_alive = False
             self._fail_early(exc)
             return
         self.route = route
@@ -723,9 +733,14 @@ class ClientConnection(asyncio.Protocol):
         self._send_error(exc)
         self._close()
 
-    def tunnel_closed(self) -> None:
-        """The target connection is gone; flush what is buffered and close."""
-        self._close()
+    def tunnel_closed(self, exc: Exception | None = None) -> None:
+        """The target connection is gone: flush what is buffered and close; a target that
+        reset makes the client's end a reset too (a FIN would read as a clean end)."""
+        if exc is not None and self.tunnel is not None:
+            self.tunnel.error = "connection_terminated"
+            self._reset()
+        else:
+            self._close()
 
     def pause_tunnel_reading(self) -> None:
         """The target (or the pending buffer) cannot take more client bytes now."""
@@ -930,4 +945,8 @@ class ClientConnection(asyncio.Protocol):
                 self._fail(errors.ReadTimeout(
                     f"origin sent no body bytes for {self.worker.timeouts.body_idle:g} s"))
         elif state is ClientState.TUNNEL:
-            self._close()
+            # Nothing moved either way for tunnel_idle (a client not reading counts: bytes
+            # wait for it): an abort, not the FIN that ends a tunnel cleanly.
+            if self.tunnel is not None:
+                self.tunnel.error = "connection_read_timeout"
+            self._reset()

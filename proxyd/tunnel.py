@@ -32,6 +32,7 @@ class Tunnel:
         self.client_done = False  # the client half-closed its sending side
         self.target_done = False  # the target half-closed its sending side
         self.closed = False
+        self.error = ""  # why the tunnel ended abnormally (RFC 9209 type), for the access log
         self._task: asyncio.Task[None] | None = None
 
     def start(self, early: bytes) -> None:
@@ -154,7 +155,7 @@ class _TunnelPeer(asyncio.Protocol):
         return self.tunnel.target_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnel.client.tunnel_closed()
+        self.tunnel.client.tunnel_closed(exc)
 
     def pause_writing(self) -> None:
         self.tunnel.client.pause_tunnel_reading()

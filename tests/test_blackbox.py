@@ -10,6 +10,7 @@ import os
 import random
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -208,6 +209,54 @@ def test_connect_port_not_allowed(proxyd, echo_server):
     assert 400 <= r.status < 500, r.raw_head
     assert proxy_status(r), r.raw_head
     assert echo_server.accepted == 0
+
+
+def test_connect_refusals_close_and_framing_is_refused(proxyd, echo_server):
+    """What follows a CONNECT head is tunnel data: after a refusal it was parsed as requests
+    (a GET behind a refused CONNECT was served), and Content-Length / Transfer-Encoding on a
+    CONNECT (RFC 9110 §9.3.6: no content) put the "body" into the tunnel. Both found by a
+    tunnel sweep."""
+    p = proxyd(config={"connect_ports": [443, echo_server.port]})
+    target = f"127.0.0.1:{echo_server.port}"
+    with Raw(p.port) as c:  # a port not allowed, a request pipelined behind it
+        c.send(f"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"
+               f"GET http://{target}/smuggled HTTP/1.1\r\nHost: {target}\r\n\r\n")
+        r = c.response()
+        assert r.status == 403 and r.header("Connection") == "close", r.raw_head
+        assert c.at_eof()
+    for framing in ("Content-Length: 5", "Transfer-Encoding: chunked"):
+        with Raw(p.port) as c:
+            c.send(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{framing}\r\n\r\nXXXXX")
+            r = c.response()
+            assert r.status == 400 and "no content" in r.body.decode(), (r.raw_head, r.body)
+            assert c.at_eof()
+    assert echo_server.accepted == 0
+
+
+def test_connect_target_reset_reaches_the_client_as_a_reset(proxyd):
+    """A target that resets mid-tunnel: the client saw a clean EOF and the log said error=-
+    (found by a tunnel sweep). It sees a reset, and the log says connection_terminated."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    p = proxyd(config={"connect_ports": [port]})
+    try:
+        with Raw(p.port) as c:
+            c.send(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
+            head = read_response_head(c.f)
+            assert head.status == 200
+            target, _ = listener.accept()
+            target.sendall(b"hello")
+            assert c.f.read(5) == b"hello"
+            target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            target.close()  # RST
+            with pytest.raises(ConnectionResetError):
+                c.f.read(1)
+    finally:
+        listener.close()
+    line = p.wait_for_log(r"method=CONNECT .*status=200 ")
+    assert line and "error=connection_terminated" in line, p.stderr_text()[-2000:]
 
 
 # --------------------------------------------------------------------------------------
