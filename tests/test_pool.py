@@ -327,15 +327,17 @@ async def test_idle_connection_closed_by_origin_is_dropped_at_once(origin_factor
             assert status == 200 and body == id_body(f"r{i}", 50)
 
 
-class FlakyOrigin:
-    """A TLS origin whose every connection answers one request, then hangs up on the next
-    without a response byte: the classic stale keep-alive race."""
+class ThreadedTLSOrigin:
+    """A test origin on a loopback socket whose accept loop hands each connection to
+    `_accepted` in the accepting thread; `close` stops the loop."""
+
+    name = "origin"
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx
-        self.requests: list[bytes] = []
         self.handshakes = 0
-        self.sock, self.port, accepting = listen_in_thread(self._accept, "flaky", backlog=16)
+        self.sock, self.port, accepting = listen_in_thread(self._accept, self.name,
+                                                           backlog=16)
         accepting.start()
 
     def _accept(self) -> None:
@@ -344,7 +346,27 @@ class FlakyOrigin:
                 raw, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+            self._accepted(raw)
+
+    def _accepted(self, raw: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FlakyOrigin(ThreadedTLSOrigin):
+    """A TLS origin whose every connection answers one request, then hangs up on the next
+    without a response byte: the classic stale keep-alive race."""
+
+    name = "flaky"
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.requests: list[bytes] = []
+        super().__init__(ctx)
+
+    def _accepted(self, raw: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
 
     def _serve(self, raw: socket.socket) -> None:
         try:
@@ -372,35 +394,19 @@ class FlakyOrigin:
         finally:
             raw.close()
 
-    def close(self) -> None:
-        self.sock.close()
 
-
-class HandshakeOnlyOrigin:
+class HandshakeOnlyOrigin(ThreadedTLSOrigin):
     """Completes every TLS handshake, then closes at once: what an origin that requires a
     client certificate looks like under TLS 1.3 (its alert comes after the handshake)."""
 
-    def __init__(self, ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
-        self.handshakes = 0
-        self.sock, self.port, accepting = listen_in_thread(self._accept, "handshake-only",
-                                                           backlog=16)
-        accepting.start()
+    name = "handshake-only"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                self.ctx.wrap_socket(raw, server_side=True).close()
-                self.handshakes += 1
-            except OSError:
-                raw.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def _accepted(self, raw: socket.socket) -> None:
+        try:
+            self.ctx.wrap_socket(raw, server_side=True).close()
+            self.handshakes += 1
+        except OSError:
+            raw.close()
 
 
 @run_async
