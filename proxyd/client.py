@@ -73,7 +73,8 @@ class ClientConnection(asyncio.Protocol):
     # an idle connection costs well under 4 KiB all told.
     __slots__ = (
         "worker", "transport", "parser", "state", "deadline", "head_started", "exchanges",
-        "opened", "peer", "paused", "writing_paused", "_in_loop", "_out", "_corked", "tunnel",
+        "opened", "peer", "paused", "writing_paused", "_in_loop", "_out", "_corked", "_held_head",
+        "tunnel",
         "req", "route", "pool", "upstream", "resp", "out_framing", "req_done", "resp_started",
         "keep_alive", "pending", "pending_size", "body_read", "retained", "retained_size",
         "retried", "reused", "started", "t_conn", "t_head", "bytes_in", "bytes_out", "logged",
@@ -111,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         self.out_framing = Framing.NONE
         self.req_done = False
         self.resp_started = False
+        self._held_head = -1  # where in _out the final head sits while corked, else -1
         self.keep_alive = True
         self.pending: list[bytes | EndOfMessage] = []  # validated body events not yet sent
         self.pending_size = 0
@@ -617,6 +619,8 @@ class ClientConnection(asyncio.Protocol):
                 # the wait for the final one starts again, as nginx's proxy_read_timeout.
                 self.deadline = time.monotonic() + self.worker.timeouts.response_head
             return
+        if self._corked:
+            self._held_head = len(self._out)  # retractable until uncork (see _retract_head)
         self._send(self._final_head(head, req))
         self.deadline = self.t_head + self.worker.timeouts.body_idle  # the body's first bytes
 
@@ -764,6 +768,8 @@ class ClientConnection(asyncio.Protocol):
             _origin_failures.warning(
                 "origin %s failed a request: %s", self.route.origin if self.route else "?",
                 exc.reason, fields={"error": exc.error_type, "client": self.peer})
+        if self.resp_started and self._held_head >= 0:
+            self._retract_head()
         if self.resp_started or self.state is ClientState.CLOSED:
             # Part of the response is out: closing is the only honest signal (the client
             # sees a short body or a missing last chunk, never a falsely complete one).
@@ -777,6 +783,19 @@ class ClientConnection(asyncio.Protocol):
             self.keep_alive = False  # the rest of the body is unread: the stream is lost
         self._send_error(exc)
         self._finish_or_close()
+
+    def _retract_head(self) -> None:
+        """Take back a final head (and body bytes) still held by the cork: the origin's
+        response failed in the same read as its head (an invalid first chunk, say), so the
+        client can get a clean 502 instead of a 200 cut short. Interim heads held before it
+        still go out."""
+        del self._out[self._held_head:]
+        self._held_head = -1
+        self.worker.stats.bytes_to_clients -= self.bytes_out
+        self.bytes_out = 0
+        self.resp = None
+        self.resp_started = False
+        self.out_framing = Framing.NONE
 
     def _send_error(self, exc: errors.ProxyError) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -839,6 +858,7 @@ class ClientConnection(asyncio.Protocol):
     def uncork(self) -> None:
         """Send what was held."""
         self._corked = False
+        self._held_head = -1
         if self._out:
             self._flush()
 

@@ -37,6 +37,8 @@ Endpoints (any method; HEAD on any path sends the GET head without a body):
 /late-close/SECONDS   after SECONDS a complete keep-alive response "ok", then a close at once
                       (no close_notify)
 /garbage              answers ``garbage\\r\\n\\r\\n`` and closes
+/bad-chunk            a chunked 200 head, a valid chunk and an invalid chunk-size line in one
+                      write, then a close
 /hangup               closes the connection (no TLS close_notify) right after the request
 ====================  ======================================================================
 
@@ -809,6 +811,12 @@ class _ConnHandler:
 
     def ep_garbage(self, r, req, args, qs, body):
         self.send(b"garbage\r\n\r\n")
+        r.closed = True
+        self.close_gracefully()
+
+    def ep_bad_chunk(self, r, req, args, qs, body):
+        self.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5\r\nhello\r\nzz\r\n")
         r.closed = True
         self.close_gracefully()
 

@@ -814,6 +814,15 @@ def test_garbage_response(proxyd, tls_origin):
     assert line and "error=http_protocol_error" in line, p.stderr_text()[-2000:]
 
 
+def test_invalid_chunk_in_the_read_of_the_head_is_a_clean_502(proxyd, tls_origin):
+    """The head is still held when the first chunks turn out invalid (HAProxy answers 502
+    there too): the client gets an error it can act on, not a 200 cut short."""
+    p = proxyd()
+    r, body = get(p.port, tls_origin.url("/bad-chunk"))
+    assert_proxy_error(r, body, 502, "http_protocol_error")
+    assert p.wait_for_log(r"status=502 .*error=http_protocol_error"), p.stderr_text()[-2000:]
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_origin_closes_after_request(proxyd, tls_origin, method):
     p = proxyd()

@@ -98,3 +98,63 @@ def test_second_request_reuses_the_connection() -> None:
     assert len(up_transport.writes) == 2 and len(client_transport.writes) == 2
     assert worker.stats.warm_hits == 2 and upstream.requests == 2
     assert worker.stats.bytes_to_clients == 2 * len(BODY)
+
+
+class ClosableTransport(RecordingTransport):
+    """A RecordingTransport that may also be closed (an error path closes connections)."""
+
+    def __init__(self, snapshot: Callable[[], Any]) -> None:
+        super().__init__(snapshot)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    abort = close
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _failing_exchange() -> tuple[ClientConnection, UpstreamConnection, ClosableTransport]:
+    worker, client, upstream, _, _ = _exchange_parts()
+    client_transport = ClosableTransport(lambda: worker.stats.bytes_to_clients)
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+    upstream.transport = ClosableTransport(lambda: None)  # type: ignore[assignment]
+    client.data_received(REQUEST)
+    return client, upstream, client_transport
+
+
+def test_a_response_invalid_in_the_read_of_its_head_is_a_clean_502() -> None:
+    """HAProxy's behaviour: the head is still held when the first chunk turns out invalid,
+    so the client gets a 502 it can act on, not a 200 cut short."""
+    client, upstream, client_transport = _failing_exchange()
+    upstream.data_received(CHUNKED_HEAD + b"5\r\nhello\r\nzz\r\n")
+    [(data, bytes_counted)] = client_transport.writes
+    assert data.startswith(b"HTTP/1.1 502 "), data
+    assert b"Proxy-Status: proxyd; error=http_protocol_error" in data
+    assert b"hello" not in data and bytes_counted == 0
+    assert client.worker.stats.bytes_to_clients == 0
+    assert upstream.state is ConnState.CLOSED
+
+
+def test_an_interim_head_before_the_invalid_response_still_goes_out() -> None:
+    client, upstream, client_transport = _failing_exchange()
+    upstream.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                           + CHUNKED_HEAD + b"zz\r\n")
+    [(data, _)] = client_transport.writes
+    assert data.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+    assert b"\r\n\r\nHTTP/1.1 502 " in data
+
+
+def test_a_response_that_fails_after_its_head_went_out_is_cut() -> None:
+    """Once the head has been sent, closing is the only honest signal (no last chunk)."""
+    client, upstream, client_transport = _failing_exchange()
+    upstream.data_received(CHUNKED_HEAD + b"5\r\nhello\r\n")
+    upstream.data_received(b"zz\r\n")
+    sent = b"".join(data for data, _ in client_transport.writes)
+    assert sent.startswith(b"HTTP/1.1 200 OK\r\n") and sent.endswith(b"5\r\nhello\r\n")
+    assert client_transport.closed and client.state is ClientState.CLOSED
