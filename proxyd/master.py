@@ -65,6 +65,12 @@ class WorkerProc:
     stats: dict[str, object] = field(default_factory=dict)
 
 
+def bound_address(sock: socket.socket) -> str:
+    """A bound socket's address as the listen keys are written: host:port, an IPv6 host in
+    brackets (RFC 3986 §3.2.2); "unix" for a Unix socket systemd passed."""
+    return _ip_sockname(sock) or "unix"
+
+
 def bind_listener(address: str, source: str, backlog: int = 1024) -> socket.socket:
     """Create the shared listening socket (kept open for the master's whole life)."""
     host, port = parse_hostport(address, 3128, "listen", source)
@@ -122,16 +128,14 @@ class Master:
     @property
     def address(self) -> str:
         """The bound address as host:port (the real port when 0 was asked for)."""
-        host, port = self.sock.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return bound_address(self.sock)
 
     @property
     def admin_address(self) -> str:
         """The metrics listener's address, or "-"."""
         if self.admin is None:
             return "-"
-        host, port = self.admin.sock.getsockname()[:2]
-        return f"{host}:{port}"
+        return bound_address(self.admin.sock)
 
     def current(self) -> list[WorkerProc]:
         """Workers of the serving generation."""
@@ -642,8 +646,7 @@ def run(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
             "key": "metrics_listen", "listen": cfg.metrics_listen, "error": exc.strerror}})
         return 1
     master = Master(cfg, sock, loader, admin_sock=admin)
-    mhost, mport = admin.getsockname()[:2]
     log.info("starting", extra={"fields": {"listen": master.address,
-                                           "metrics_listen": f"{mhost}:{mport}",
+                                           "metrics_listen": bound_address(admin),
                                            "workers": cfg.worker_count}})
     return master.run()

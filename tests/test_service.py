@@ -1371,3 +1371,40 @@ def test_silent_new_connection_does_not_hold_the_stop(proxyd):
     print(f"\nstop with a silent connection open: {took:.2f}s")
     assert rc == 0
     assert took < 3.0, f"stop waited {took:.2f}s for a connection that never spoke"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_listeners_serve_and_are_logged_in_brackets(proxyd, tls_origin):
+    """Both listeners on ::1: requests and scrapes work, and the log writes each address as
+    the listen keys are written (the metrics one lacked its brackets: ``::1:9``)."""
+    p = proxyd("--listen", "[::1]:0", "--metrics-listen", "[::1]:0", listen=False,
+               wait_ready=False)
+    line = p.wait_for_log(r"\bmsg=\"?ready\b", 10)
+    assert line, p.stderr_text()
+    fields = parse_logfmt(line)
+    listen = re.fullmatch(r"\[::1\]:(\d+)", fields["listen"])
+    metrics = re.fullmatch(r"\[::1\]:(\d+)", fields["metrics_listen"])
+    assert listen and metrics, line
+    conn = http.client.HTTPConnection("::1", int(listen.group(1)), timeout=IO_TIMEOUT)
+    try:
+        conn.request("GET", tls_origin.url("/bytes/5"))
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (200, pattern_bytes(5))
+    finally:
+        conn.close()
+    conn = http.client.HTTPConnection("::1", int(metrics.group(1)), timeout=IO_TIMEOUT)
+    try:
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        assert r.status == 200 and b"proxyd_requests_total" in r.read()
+    finally:
+        conn.close()
