@@ -107,6 +107,8 @@ class OriginConfig:
     lifetime: float = 3600.0
     max_requests: int = 1000
     sni: str = ""
+    cert_file: str = ""              # client certificate (PEM) for origins that require one
+    key_file: str = ""               # its private key; "" = in cert_file
 
     @property
     def server_hostname(self) -> str:
@@ -408,6 +410,7 @@ def validate(cfg: Config) -> None:
         _check_host(o.host, f"origin[{i}].host", src)
         if o.sni:
             _check_host(o.sni, f"origin[{i}].sni", src, sni=True)
+        _check_client_cert(o, f"origin[{i}]", src)
         _validate_pool(o, f"origin[{i}]", src)
         if not 1 <= o.port <= 65535:
             raise ConfigError(f"{src}: origin[{i}].port: invalid port {o.port}")
@@ -480,6 +483,37 @@ def _check_ca_file(path: str, src: str) -> None:
         ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"{src}: tls.ca_file: cannot load {path!r}: {exc}") from None
+
+
+def _check_client_cert(o: OriginConfig, prefix: str, src: str) -> None:
+    """A client certificate must load now, with its key, or every handshake would fail."""
+    if o.key_file and not o.cert_file:
+        raise ConfigError(f"{src}: {prefix}.key_file: set {prefix}.cert_file too")
+    if not o.cert_file:
+        return
+    if not o.tls:
+        raise ConfigError(f"{src}: {prefix}.cert_file: the origin is plain HTTP (tls = false)")
+    for key, path in (("cert_file", o.cert_file), ("key_file", o.key_file)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{src}: {prefix}.{key}: no such file {path!r}")
+    try:
+        load_client_cert(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), o.cert_file, o.key_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        where = f"{prefix}.cert_file" + (f"/{prefix}.key_file" if o.key_file else "")
+        raise ConfigError(f"{src}: {where}: cannot load {o.cert_file!r}"
+                          + (f" with {o.key_file!r}" if o.key_file else "")
+                          + f": {exc}") from None
+
+
+def load_client_cert(ctx: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    """Load a client certificate chain and its key into ``ctx``; an encrypted key is refused
+    (OpenSSL would otherwise prompt on the terminal, and a service has none)."""
+    ctx.load_cert_chain(cert_file, key_file or None, password=_refuse_password)
+
+
+def _refuse_password() -> bytes:
+    raise ValueError("the private key is encrypted; give proxyd an unencrypted key and "
+                     "protect the file's permissions instead")
 
 
 def _validate_positive(section: Any, name: str, src: str) -> None:

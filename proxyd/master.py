@@ -183,6 +183,8 @@ class Master:
             if self.admin is not None:
                 self.admin.close()  # the child's copies only; the master keeps serving
             code = worker_main(cfg, self.sock, write_fd)
+        except ConfigError as exc:  # a file the configuration names is gone or broken now
+            log.error("worker could not start", extra={"fields": {"error": str(exc)}})
         except BaseException:
             log.exception("worker failed")
         finally:

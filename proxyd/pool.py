@@ -56,12 +56,16 @@ class Pool:
 
     def __init__(self, key: OriginKey, settings: OriginConfig, connector: Connector,
                  stats: WorkerStats, parser_limits: ParserLimits, pool_wait: float,
-                 max_waiters: int, learned: bool = False, learned_ttl: float = 300.0) -> None:
+                 max_waiters: int, learned: bool = False, learned_ttl: float = 300.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.key = key
         self.name = str(key)  # host:port, for logs
         self.settings = settings
         self.server_hostname = settings.server_hostname
         self.connector = connector
+        # This origin's own TLS context (one with its client certificate), else None: the
+        # connector's shared one.
+        self.ssl_context = ssl_context
         self.stats = stats
         self.parser_limits = parser_limits
         self.pool_wait = pool_wait
@@ -221,7 +225,7 @@ class Pool:
             self.early_closes += 1
             self._origin_failed(errors.UpstreamError(
                 f"origin closed a new connection before any request ({reason}); it may "
-                "require a client certificate"))
+                "require a client certificate (origin cert_file)"))
         if self.key.tls and time.monotonic() >= self._session_until:
             # Keep its ticket: with max_requests = 1, or after a quiet spell, no live
             # connection may be left to take one from when the next one is opened.

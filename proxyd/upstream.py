@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from . import errors
+from .config import load_client_cert
 from .policy import DestinationPolicy
 from .resolver import Resolver
 from .http1 import (CLOSED, NEED_DATA, PAUSED, Constant, EndOfMessage, ParseError,
@@ -343,9 +344,13 @@ def map_connect_error(exc: BaseException, host: str, port: int, stage: str) -> e
                                 error_type="proxy_internal_error")
 
 
-def make_ssl_context(verify: bool, ca_file: str, min_version: str) -> ssl.SSLContext:
-    """One client context per trust configuration: verification, hostname check, TLS 1.2+."""
+def make_ssl_context(verify: bool, ca_file: str, min_version: str, cert_file: str = "",
+                     key_file: str = "") -> ssl.SSLContext:
+    """One client context per trust configuration: verification, hostname check, TLS 1.2+;
+    with ``cert_file``, the client certificate presented to origins that ask for one."""
     ctx = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        load_client_cert(ctx, cert_file, key_file)
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -383,7 +388,7 @@ class Connector:
             if key.tls:
                 # The socket object is detached by wrap_socket: from here on close the
                 # SSLSocket, which owns the descriptor.
-                sock = self.ssl_context.wrap_socket(
+                sock = (pool.ssl_context or self.ssl_context).wrap_socket(
                     sock, server_hostname=pool.server_hostname, do_handshake_on_connect=False,
                     suppress_ragged_eofs=False, session=pool.tls_session())
                 async with asyncio.timeout(self.handshake_timeout):

@@ -15,13 +15,14 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import time
 from typing import Any
 
 from .access import Access, load_users
 from .accesslog import AccessLog
 from .client import ClientConnection, ClientState
-from .config import Config, OriginConfig, parse_hostport
+from .config import Config, ConfigError, OriginConfig, parse_hostport
 from .exchanges import ExchangeLog
 from .headers import via_entry
 from .http1 import ParserLimits
@@ -79,7 +80,7 @@ class Worker:
         self.exchanges = ExchangeLog(self.stats, cfg.metrics, self.access_log)
         self._via10 = via_entry(10, cfg.via)
         self._via11 = via_entry(11, cfg.via)
-        ctx = make_ssl_context(cfg.tls.verify, cfg.tls.ca_file, cfg.tls.min_version)
+        ctx, self._cert_contexts = _tls_contexts(cfg)
         dest = cfg.destinations
         policy = DestinationPolicy(dest.deny_networks, dest.allow_networks,
                                    own=_own_addresses(listen_sock, cfg.metrics_listen),
@@ -139,7 +140,8 @@ class Worker:
     def _make_pool(self, key: OriginKey, settings: OriginConfig, learned: bool) -> Pool:
         pool = Pool(key, settings, self.connector, self.stats, self.parser_limits,
                     self.timeouts.pool_wait, self.limits.pool_waiters, learned=learned,
-                    learned_ttl=self.cfg.pool.learned_ttl)
+                    learned_ttl=self.cfg.pool.learned_ttl,
+                    ssl_context=self._cert_contexts.get(settings))
         self.pools[key] = pool
         return pool
 
@@ -468,6 +470,31 @@ def _wake_alone(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
     except OSError:
         ep.register(fd, select.EPOLLIN)  # as asyncio had it
         return False
+
+
+def _tls_contexts(cfg: Config) -> tuple[ssl.SSLContext, dict[OriginConfig, ssl.SSLContext]]:
+    """The shared upstream TLS context, and one per origin with a client certificate (only
+    that origin is ever sent it, not another that merely asks for one).
+
+    The files were checked when the configuration loaded; one gone since (rotated, a
+    package half-upgraded) is a ConfigError naming the key, not a traceback."""
+    tls = cfg.tls
+    try:
+        shared = make_ssl_context(tls.verify, tls.ca_file, tls.min_version)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{cfg.source}: tls.ca_file: cannot load {tls.ca_file!r}: "
+                          f"{exc}") from None
+    own: dict[OriginConfig, ssl.SSLContext] = {}
+    for i, o in enumerate(cfg.origin):
+        if not o.cert_file:
+            continue
+        try:
+            own[o] = make_ssl_context(tls.verify, tls.ca_file, tls.min_version,
+                                      o.cert_file, o.key_file)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"{cfg.source}: origin[{i}].cert_file: cannot load "
+                              f"{o.cert_file!r}: {exc}") from None
+    return shared, own
 
 
 def _own_addresses(sock: socket.socket, metrics_listen: str) -> frozenset[tuple[str, int]]:

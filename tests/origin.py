@@ -222,6 +222,7 @@ class ConnRecord:
     raw: bytearray = field(default_factory=bytearray)  # application bytes received (capped)
     bytes_received: int = 0
     request_ids: list = field(default_factory=list)
+    client_cert: dict | None = None  # the client's certificate, if it sent one (getpeercert)
     close_reason: str = ""  # "", peer_eof, idle, origin_close, error:..., stop
     closed: bool = False
 
@@ -401,6 +402,7 @@ class OriginServer:
                     rec.close_reason = "handshake_failed"
                     return
                 rec.handshake_ok = True
+                rec.client_cert = tsock.getpeercert() or None
                 with self._cond:
                     self.handshakes += 1
                     self.resumed += tsock.session_reused

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -1260,3 +1261,34 @@ def test_rejected_request_is_answered_before_a_clean_close_while_the_client_stil
     assert data.startswith(b"HTTP/1.1 400 "), data[:100]
     assert b"Proxy-Status: proxyd; error=http_request_error" in data
     assert ending == "eof"
+
+
+def _ask_for_client_certificates(o, ca, required: bool) -> None:
+    """Make a running test origin ask for a client certificate issued by ``ca``."""
+    o.ssl_context.load_verify_locations(cadata=ca.cert_pem.bytes().decode())
+    o.ssl_context.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
+
+
+def _client_subject_names(rec) -> list[str]:
+    return [name for kind, name in (rec.client_cert or {}).get("subjectAltName", ())]
+
+
+def test_an_origin_requiring_a_client_certificate_gets_the_configured_one(
+        proxyd, origin_factory, ca, tmp_path):
+    """origin[i].cert_file (nginx's proxy_ssl_certificate, HAProxy's crt on a server): the
+    configured origin gets the certificate; another origin that merely asks gets none."""
+    mtls, other = origin_factory(), origin_factory()
+    _ask_for_client_certificates(mtls, ca, required=True)
+    _ask_for_client_certificates(other, ca, required=False)
+    both = tmp_path / "client.pem"
+    ca.issue_cert("proxyd-client.test").private_key_and_cert_chain_pem.write_to_path(str(both))
+    p = proxyd(config={"origin": [{"host": "localhost", "port": mtls.port, "warm": 1,
+                                   "cert_file": str(both)}]})
+    assert mtls.wait_handshakes(1), p.stderr_text()[-2000:]
+    r, body = get(p.port, mtls.url("/bytes/7", host="localhost"))
+    assert (r.status, body) == (200, pattern_bytes(7))
+    assert all(_client_subject_names(c) == ["proxyd-client.test"]
+               for c in mtls.connections if c.handshake_ok)
+    r, body = get(p.port, other.url("/bytes/7", host="localhost"))
+    assert (r.status, body) == (200, pattern_bytes(7))
+    assert other.connections and all(c.client_cert is None for c in other.connections)

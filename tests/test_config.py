@@ -348,3 +348,63 @@ def test_the_unit_checks_the_config_quietly_before_start_and_reload():
     assert all(" check --quiet " in line for line in checks), checks
     # pip installs no README or man page: a Documentation= link would point at nothing
     assert "Documentation=" not in text
+
+
+# -- an origin's client certificate (origin[i].cert_file / key_file) ---------------------------
+
+@pytest.fixture
+def client_cert_files(ca, tmp_path) -> tuple[Path, Path, Path]:
+    """(certificate, its key, both in one file) for a client identity of the test CA."""
+    leaf = ca.issue_cert("proxyd-client.test")
+    cert, key, both = tmp_path / "client.crt", tmp_path / "client.key", tmp_path / "client.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(both))
+    return cert, key, both
+
+
+def _load_origin(tmp_path: Path, keys: str) -> config.Config:
+    path = tmp_path / "p.toml"
+    path.write_text(f'[[origin]]\nhost = "mtls.example"\n{keys}')
+    return config.load(str(path))
+
+
+def test_client_certificate_with_its_key_in_a_file_of_its_own_or_the_same(tmp_path,
+                                                                          client_cert_files):
+    cert, key, both = client_cert_files
+    cfg = _load_origin(tmp_path, f'cert_file = "{cert}"\nkey_file = "{key}"\n')
+    assert (cfg.origin[0].cert_file, cfg.origin[0].key_file) == (str(cert), str(key))
+    assert _load_origin(tmp_path, f'cert_file = "{both}"\n').origin[0].cert_file == str(both)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ('key_file = "{key}"\n', r"origin\[0\]\.key_file: set origin\[0\]\.cert_file too"),
+    ('cert_file = "{cert}"\nkey_file = "{key}"\ntls = false\n',
+     r"origin\[0\]\.cert_file: the origin is plain HTTP"),
+    ('cert_file = "{missing}"\n', r"origin\[0\]\.cert_file: no such file"),
+    ('cert_file = "{cert}"\nkey_file = "{missing}"\n', r"origin\[0\]\.key_file: no such file"),
+    # the certificate alone, without a key: OpenSSL cannot use it
+    ('cert_file = "{cert}"\n', r"origin\[0\]\.cert_file: cannot load"),
+    # a key that is not the certificate's
+    ('cert_file = "{cert}"\nkey_file = "{other_key}"\n',
+     r"origin\[0\]\.cert_file/origin\[0\]\.key_file: cannot load .* with "),
+    # OpenSSL would prompt for the passphrase on a terminal a service does not have
+    ('cert_file = "{cert}"\nkey_file = "{encrypted}"\n', r"private key is encrypted"),
+])
+def test_client_certificate_errors_name_the_key_and_the_file(tmp_path, ca, client_cert_files,
+                                                             keys, message):
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key, _ = client_cert_files
+    other_key = tmp_path / "other.key"
+    ca.issue_cert("other.test").private_key_pem.write_to_path(str(other_key))
+    encrypted = tmp_path / "encrypted.key"
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    encrypted.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    text = keys.format(cert=cert, key=key, missing=tmp_path / "nope.pem",
+                       other_key=other_key, encrypted=encrypted)
+    with pytest.raises(config.ConfigError, match=message) as exc:
+        _load_origin(tmp_path, text)
+    assert str(tmp_path / "p.toml") in str(exc.value)

@@ -810,6 +810,8 @@ def test_worker_boot_failure_stops_master(tmp_path):
     assert "worker could not start" in err, err
     assert re.search(r"SSLError|certificate|PEM|no certificate", err, re.I), \
         f"stderr does not say why the worker failed:\n{err}"
+    # a config error naming the key, as at load time, not a traceback
+    assert "tls.ca_file: cannot load" in err and "Traceback" not in err, err
     assert "msg=stopped" in err
 
 

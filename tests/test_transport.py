@@ -692,7 +692,8 @@ def fake_pool(port: int, tls: bool = True) -> Any:
     return SimpleNamespace(key=OriginKey("127.0.0.1", port, tls), server_hostname="localhost",
                            parser_limits=ParserLimits(),
                            settings=SimpleNamespace(idle_ttl=30.0, max_requests=100),
-                           on_closed=lambda conn, reason: None, tls_session=lambda: None)
+                           on_closed=lambda conn, reason: None, tls_session=lambda: None,
+                           ssl_context=None)
 
 
 async def serve_once(handler: Callable[[socket.socket], Any]) -> tuple[int, asyncio.Task[Any]]:
