@@ -858,7 +858,6 @@ class ClientConnection(asyncio.Protocol):
     def uncork(self) -> None:
         """Send what was held."""
         self._corked = False
-        self._held_head = -1
         if self._out:
             self._flush()
 
@@ -869,6 +868,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         out, self._out = self._out, []
+        self._held_head = -1  # whatever was held is sent now
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(out[0] if len(out) == 1 else b"".join(out))
