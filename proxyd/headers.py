@@ -209,8 +209,8 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
     elif out_framing is Framing.LENGTH or (out_framing is Framing.NONE and
                                            resp.get(b"content-length") is not None):
         cl = resp.get(b"content-length")
-        if cl is not None:
-            headers.append((b"Content-Length", cl.split(b",")[0].strip()))
+        if cl is not None:  # validated by the parser: one number, maybe listed (42, 42)
+            headers.append((b"Content-Length", b"%d" % int(cl.split(b",")[0])))
     elif out_framing is Framing.CHUNKED:
         headers.append((b"Transfer-Encoding", b"chunked"))
     headers.append((b"Via", via))
@@ -235,12 +235,20 @@ def _fast_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: bo
             or not _RESPONSE_SLOW.isdisjoint(lnames) or lnames.count(b"content-length") > 1
             or not resp.connection_tokens <= _CONNECTION_PLAIN):
         return None
-    if resp.framing is Framing.LENGTH and resp.get(b"content-length") != b"%d" % resp.content_length:
-        return None
+    if resp.framing is Framing.LENGTH:
+        if resp.get(b"content-length") != b"%d" % resp.content_length:
+            return None  # a list, leading zeros: sent as one plain number
+    elif b"content-length" in lnames and not _plain_number(resp.get(b"content-length")):
+        return None  # HEAD, 304, a length of 0: "0,0" too is sent as one number
     block = resp.raw_block
     if b"connection" in lnames or b"keep-alive" in lnames:
         block = _CONNECTION_LINES.sub(b"", block)
     return _response_head_bytes(resp, block, b"date" in lnames, keep_alive, client_version, via)
+
+
+def _plain_number(value: bytes | None) -> bool:
+    """A Content-Length value as a sender should write it: digits, no leading zero."""
+    return value is not None and value.isdigit() and (value[0] != 48 or len(value) == 1)
 
 
 def _response_head_bytes(resp: ResponseHead, block: bytes, dated: bool, keep_alive: bool,

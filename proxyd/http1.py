@@ -49,9 +49,11 @@ _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x
 _QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _TOKEN_SRC = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _CHUNK_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOKEN_SRC
+    rb"0*([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOKEN_SRC
     + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_SRC + rb"|" + _QUOTED + rb"))?)*)")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
+# 1*HEXDIG and 1*DIGIT (RFC 9112 §7.1, RFC 9110 §8.6): leading zeros, however many, are
+# valid; the digits after them are bounded so that the value is.
+_DIGITS = re.compile(rb"0*[0-9]{1,18}")
 # Plain paths: the usual head matched whole in one pass — start line, valid field lines
 # (the same classes as _FIELD_ITEM), the blank line — so that it can be forwarded from the
 # bytes as received. Any head these do not take goes through the general parser, which
@@ -604,6 +606,8 @@ class _Parser:
         if lf and buf[lf - 1] == 13:
             line = bytes(buf[:lf - 1])
         elif self.LONE_LF_ENDS_LINES:
+            if lf > limit:  # the search allowed for a CR this line does not have
+                raise ParseError(f"{what} too long", status=status)
             line = bytes(buf[:lf])  # a CR left inside fails the line's own check
         else:
             raise ParseError(f"bare LF in {what}")

@@ -389,6 +389,14 @@ def test_client_response_connection(keep_alive, version, connection):
     pytest.param(b"GET", b"HTTP/1.1 304 Not Modified", (b"Content-Length: 1234",), b"1234",
                  id="304-keeps-content-length"),
     pytest.param(b"GET", b"HTTP/1.1 204 No Content", (), None, id="204-none-added"),
+    # RFC 9110 §8.6: a list of identical values is accepted only by replacing it with one
+    # value (Python's http.client read "0,0" as invalid and waited for the close)
+    pytest.param(b"GET", b"HTTP/1.1 200 OK", (b"Content-Length: 0,0",), b"0",
+                 id="zero-list-is-one-number"),
+    pytest.param(b"HEAD", b"HTTP/1.1 200 OK", (b"Content-Length: 5, 5",), b"5",
+                 id="head-list-is-one-number"),
+    pytest.param(b"GET", b"HTTP/1.1 304 Not Modified", (b"Content-Length: 0005",), b"5",
+                 id="304-leading-zeros-dropped"),
 ])
 def test_client_response_no_body_content_length(method, start, lines, expected_cl):
     """RFC 9110 §8.6: in a HEAD or 304 response Content-Length is the size the selected
@@ -889,3 +897,11 @@ def test_route_fast_match_agrees_with_the_general_parse(target, method, monkeypa
 ])
 def test_redact_userinfo(target, logged):
     assert redact_userinfo(target) == logged
+
+
+def test_a_zero_padded_content_length_goes_upstream_as_one_plain_number():
+    """RFC 9110 §8.6: 1*DIGIT, so leading zeros are valid; the next hop gets the number."""
+    req = parse_request(b"POST http://example.test/p HTTP/1.1\r\nHost: example.test\r\n"
+                        b"Content-Length: 00000000000000000000005\r\n\r\n")
+    assert req.content_length == 5
+    assert upstream(req).get(b"content-length") == b"5"

@@ -377,6 +377,12 @@ VALID_REQUESTS = [
         chunked_post(b"0000000000000003\r\nabc\r\n000\r\n\r\n"),
         [CHUNKED_HEAD, b"abc", EOM],
         id="chunk-size-16-digits-leading-zeros"),
+    # RFC 9112 §7.1: chunk-size = 1*HEXDIG, last-chunk = 1*("0"): any number of leading
+    # zeros (nginx and HAProxy take them; a sweep found these refused)
+    pytest.param(
+        chunked_post(b"00000000000000005\r\nhello\r\n" + b"0" * 40 + b"\r\n\r\n"),
+        [CHUNKED_HEAD, b"hello", EOM],
+        id="chunk-size-17-digits-leading-zeros"),
     pytest.param(
         chunked_post(b"3 ;\ta = b ;c\t=\"d e\"\r\nabc\r\n0\r\n\r\n"),
         [CHUNKED_HEAD, b"abc", EOM],
@@ -543,8 +549,8 @@ INVALID_REQUESTS = [
     pytest.param(chunked_post(b" 5\r\nhello\r\n0\r\n\r\n"), 400, None,
                  id="chunk-leading-space"),
     pytest.param(chunked_post(b"\r\nhello\r\n0\r\n\r\n"), 400, None, id="chunk-empty-size"),
-    pytest.param(chunked_post(b"00000000000000005\r\nhello\r\n0\r\n\r\n"), 400, None,
-                 id="chunk-17-hex-digits"),
+    pytest.param(chunked_post(b"10000000000000005\r\nhello\r\n0\r\n\r\n"), 400, None,
+                 id="chunk-17-significant-hex-digits"),
     pytest.param(chunked_post(b"ffffffffffffffff\r\nx\r\n0\r\n\r\n"), 400, None,
                  id="chunk-size-too-large"),
     pytest.param(chunked_post(b"g\r\nx\r\n0\r\n\r\n"), 400, None, id="chunk-non-hex"),
@@ -1010,6 +1016,24 @@ def test_response_lines_may_end_in_lone_lf(methods, data, expected):
     assert b"\n" not in p.next_event().raw_block.replace(b"\r\n", b"")
 
 
+def test_lone_lf_chunk_line_has_the_same_limit_as_one_ending_in_crlf():
+    """The search for a line end allows for its CR; a line without one must not get that
+    byte as content (a 4097-byte chunk-size line passed with a lone LF)."""
+    limits = ParserLimits(chunk_line=16)
+    head = R + b"Transfer-Encoding: chunked\r\n\r\n"
+    for ending in (b"\n", b"\r\n"):
+        for ext, ok in ((b";" + b"a" * 14, True), (b";" + b"a" * 15, False)):
+            p = ResponseParser(limits)
+            p.expect(b"GET")
+            p.feed(head + b"5" + ext + ending + b"hello\r\n")
+            assert isinstance(p.next_event(), ResponseHead)
+            if ok:
+                assert p.next_event() == b"hello", (ending, ext)
+            else:
+                with pytest.raises(ParseError, match="chunk-size line too long"):
+                    p.next_event()
+
+
 def test_lone_lf_head_over_the_limit_is_431():
     """The head-size limit holds for a head found by its lone-LF line ends."""
     limits = ParserLimits(head_size=64)
@@ -1216,6 +1240,7 @@ def test_response_eof_after_interim_response():
     pytest.param([b"42"], 42, id="one"),
     pytest.param([b"42", b"42", b"42"], 42, id="repeated-identical"),
     pytest.param([b"9" * 18], int(b"9" * 18), id="18-digits"),
+    pytest.param([b"0" * 30 + b"5"], 5, id="leading-zeros"),  # 1*DIGIT (RFC 9110 §8.6)
 ])
 def test_parse_content_length(values, expected):
     """RFC 9110 §8.6: Content-Length = 1*DIGIT; identical repeated values MAY be accepted."""
