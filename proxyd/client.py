@@ -311,6 +311,9 @@ class ClientConnection(asyncio.Protocol):
                     raise errors.ParseError("a CONNECT request has no content: "
                                             "Content-Length or Transfer-Encoding refused")
                 host, port = worker.router.route_connect(req.target)
+                host_field = req.get(b"host")
+                if host_field is not None and not valid_host_field(host_field):
+                    raise errors.ParseError("invalid Host header field")  # RFC 9112 §3.2
                 worker.connector.policy.check_host(host)
                 self.state = ClientState.TUNNEL
                 self.deadline = time.monotonic() + worker.timeouts.tunnel_idle
@@ -392,12 +395,18 @@ class ClientConnection(asyncio.Protocol):
             raise errors.ProxyError("request loop detected: Via already names this proxy",
                                     status=508, error_type="proxy_loop_detected")
         if b"expect" in lnames:
-            # One field or several lines mean the same list (RFC 9110 §5.3); an empty one
-            # names no known expectation either.
+            # One field or several lines mean the same list (RFC 9110 §5.3); empty elements
+            # are ignored (§5.6.1.2), so an empty field expects nothing.
             expect = field_values(req.headers, b"expect")
-            if not expect or any(e.lower() != b"100-continue" for e in expect):
+            if any(e.lower() != b"100-continue" for e in expect):
                 raise errors.ProxyError("unsupported expectation", status=417,
                                         error_type="http_request_error")
+            if (expect and b"expect" in req.connection_tokens and req.version >= 11
+                    and req.has_body):
+                # Connection: Expect makes the expectation this hop's alone (RFC 9110
+                # §7.6.1): it is not forwarded, so proxyd answers it (§10.1.1), or the
+                # client would wait for a 100 that never comes.
+                self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _hop_limit_reached(self, req: RequestHead) -> bool:
         """RFC 9110 §7.6.2: a TRACE or OPTIONS with Max-Forwards 0 is answered here (True);

@@ -223,9 +223,13 @@ class Pool:
             # handshake): a failure for the back-off, or the refill would reopen it at
             # once, forever. (An origin's idle timeout closing a spare later is no failure.)
             self.early_closes += 1
-            self._origin_failed(errors.UpstreamError(
-                f"origin closed a new connection before any request ({reason}); it may "
-                "require a client certificate (origin cert_file)"))
+            if reason == "unexpected_data":
+                why = "origin sent bytes on a new connection before any request"
+            else:
+                why = f"origin closed a new connection before any request ({reason})"
+                if self.key.tls and not self.settings.cert_file:
+                    why += "; it may require a client certificate (origin cert_file)"
+            self._origin_failed(errors.UpstreamError(why))
         if self.key.tls and time.monotonic() >= self._session_until:
             # Keep its ticket: with max_requests = 1, or after a quiet spell, no live
             # connection may be left to take one from when the next one is opened.

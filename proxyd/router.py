@@ -90,7 +90,7 @@ def split_authority(authority: str) -> tuple[str, int | None]:
             # blames DNS for the client's spelling.
             raise ParseError("host name must be letters, digits, '-', '_' and '.' "
                              "(percent-encoded and other characters are not resolved)")
-    if rest:
+    if rest and rest != ":":  # RFC 3986 §3.2.3, §6.2.3: an empty port is the default one
         digits = rest[1:]
         if (not rest.startswith(":") or not digits.isascii() or not digits.isdigit()
                 or not 0 < int(digits) < 65536):
@@ -129,9 +129,9 @@ class Router:
             (o.host.lower(), o.port): o for o in cfg.origin
         }
         self._default: tuple[str, int | None] | None = None
-        # authority -> (origin, settings): a client talks to few origins, so the parsing and
-        # lookups of an authority are done once (bounded; cleared when full).
-        self._cache: dict[bytes, tuple[OriginKey, OriginConfig | None]] = {}
+        # authority -> (origin, settings, Host value): a client talks to few origins, so the
+        # parsing and lookups of an authority are done once (bounded; cleared when full).
+        self._cache: dict[bytes, tuple[OriginKey, OriginConfig | None, bytes]] = {}
         if cfg.default_origin:
             self._default = split_authority(cfg.default_origin)
 
@@ -152,9 +152,9 @@ class Router:
         cached = self._cache.get(authority)
         if cached is None:
             cached = self._resolve(authority)
-        return Route(cached[0], path, authority, cached[1])
+        return Route(cached[0], path, cached[2], cached[1])
 
-    def _resolve(self, authority: bytes) -> tuple[OriginKey, OriginConfig | None]:
+    def _resolve(self, authority: bytes) -> tuple[OriginKey, OriginConfig | None, bytes]:
         try:
             host, port = split_authority(authority.decode("ascii"))
         except UnicodeDecodeError:
@@ -162,7 +162,9 @@ class Router:
         route = self._make_route(host, port, b"", authority)
         if len(self._cache) >= _CACHE_SIZE:
             self._cache.clear()
-        entry = self._cache[authority] = (route.origin, route.settings)
+        # RFC 3986 §6.2.3: "host:" is "host" (an empty port is the default one)
+        host_field = authority[:-1] if authority.endswith(b":") else authority
+        entry = self._cache[authority] = (route.origin, route.settings, host_field)
         return entry
 
     def _route_origin_form(self, method: bytes, target: bytes) -> Route:
@@ -171,6 +173,8 @@ class Router:
                 "proxyd is a forward proxy: send absolute-form requests "
                 "(GET http://host/path) by setting HTTP_PROXY, or configure default_origin",
                 status=400, error_type="http_request_error")
+        if target == b"*" and method != b"OPTIONS":
+            raise ParseError("the asterisk-form target is only for OPTIONS (RFC 9112 §3.2.4)")
         host, port = self._default
         authority = host if port is None else f"{host}:{port}"
         return self._make_route(host, port, target, authority.encode())

@@ -683,6 +683,47 @@ def test_expect_100_continue(proxyd, tls_origin):
     assert d["bytes"] == n and d["sha256"] == pattern_sha256(n)
 
 
+def test_expect_named_by_connection_is_answered_by_proxyd(proxyd, tls_origin):
+    """Connection: Expect makes the expectation this hop's (RFC 9110 §7.6.1): proxyd does not
+    forward it, so it sends the 100 itself (nginx and HAProxy do), or the client waits for
+    one that never comes and is blamed with a 408."""
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port, timeout=5) as c:
+        c.send(f"POST {o.url('/upload')} HTTP/1.1\r\nHost: {o.authority}\r\n"
+               "Connection: Expect\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        interim = c.response(return_interim=True)
+        assert interim.status == 100, interim.raw_head
+        c.send(b"hello")
+        r = c.response()
+    assert r.status == 200 and json.loads(r.body)["bytes"] == 5, (r.raw_head, r.body)
+    assert "expect" not in o.requests[-1].header_names()
+
+
+@pytest.mark.parametrize("expect", ["", ",", " , "])
+def test_an_empty_expect_field_expects_nothing(proxyd, tls_origin, expect):
+    """RFC 9110 §5.6.1.2: empty list elements are ignored, so an empty Expect is no
+    unsupported expectation (it was a 417; nginx and HAProxy forward the request)."""
+    o = tls_origin
+    p = proxyd()
+    with Raw(p.port, timeout=5) as c:
+        c.send(f"POST {o.url('/upload')} HTTP/1.1\r\nHost: {o.authority}\r\n"
+               f"Expect:{expect}\r\nContent-Length: 5\r\n\r\nhello")
+        r = c.response()
+    assert r.status == 200 and json.loads(r.body)["bytes"] == 5, (r.raw_head, r.body)
+
+
+def test_connect_with_an_invalid_host_field_is_a_400(proxyd, echo_server):
+    """RFC 9112 §3.2: any request with an invalid Host value gets a 400 — CONNECT too (it
+    got a tunnel; nginx and HAProxy answer 400)."""
+    p = proxyd(config={"connect_ports": [echo_server.port]})
+    for host in ("a b", "u@x"):
+        with Raw(p.port, timeout=5) as c:
+            c.send(f"CONNECT 127.0.0.1:{echo_server.port} HTTP/1.1\r\nHost: {host}\r\n\r\n")
+            r = c.response(method="CONNECT")
+        assert r.status == 400 and b"invalid Host" in r.body, (r.raw_head, r.body)
+
+
 def test_chunked_upload_with_trailers(proxyd, tls_origin):
     o = tls_origin
     p = proxyd()

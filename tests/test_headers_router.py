@@ -639,6 +639,12 @@ def router() -> Router:
                  b"[2001:DB8::1]", id="ipv6-no-port"),
     pytest.param(b"GET", b"http://10.0.0.1:8080//a//b", OriginKey("10.0.0.1", 8080, True),
                  b"//a//b", b"10.0.0.1:8080", id="ipv4-path-kept-verbatim"),
+    # RFC 3986 §3.2.3, §6.2.3: an empty port is the scheme's default (nginx and HAProxy
+    # take it; proxyd answered 400)
+    pytest.param(b"GET", b"http://h:/x", OriginKey("h", 443, True), b"/x", b"h",
+                 id="empty-port-is-the-default"),
+    pytest.param(b"GET", b"http://[::1]:/", OriginKey("::1", 443, True), b"/", b"[::1]",
+                 id="ipv6-empty-port"),
 ])
 def test_route(router, method, target, origin, upstream_target, host_header):
     """RFC 9112 §3.2.2: absolute-form; the upstream gets origin-form and Host from the
@@ -666,7 +672,6 @@ def test_origin_key_str():
     pytest.param(b"http:/h/", id="one-slash"),
     pytest.param(b"http:///p", id="empty-host"),
     pytest.param(b"http://:80/", id="port-without-host"),
-    pytest.param(b"http://h:/", id="empty-port"),
     pytest.param(b"http://h:0/", id="port-zero"),
     pytest.param(b"http://h:65536/", id="port-too-large"),
     pytest.param(b"http://h:8a/", id="port-not-digits"),
@@ -714,6 +719,19 @@ def test_origin_form_with_default_origin(default, origin, host_header):
     router = Router(cfg(default_origin=default))
     route = router.route(b"GET", b"/x?y")
     assert (route.origin, route.target, route.host_header) == (origin, b"/x?y", host_header)
+
+
+@pytest.mark.parametrize("method, ok", [(b"OPTIONS", True), (b"GET", False), (b"POST", False)])
+def test_asterisk_form_is_only_for_options(method, ok):
+    """RFC 9112 §3.2.4: "*" with another method was sent to default_origin (found by a
+    sweep; nginx answers 400)."""
+    router = Router(cfg(default_origin="example.test"))
+    if ok:
+        assert router.route(method, b"*").target == b"*"
+    else:
+        with pytest.raises(ProxyError, match="only for OPTIONS") as info:
+            router.route(method, b"*")
+        assert info.value.status == 400
 
 
 def test_configured_plain_origin():

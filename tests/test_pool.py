@@ -423,6 +423,7 @@ async def test_an_origin_that_closes_new_connections_at_once_is_backed_off(ca, c
             await asyncio.sleep(3.0)  # what happens over time is what is tested
             assert origin.handshakes <= 4, f"{origin.handshakes} handshakes in ~3 s"
             assert pool.failures and "before any request" in pool.last_error
+            assert "client certificate" in pool.last_error
     finally:
         origin.close()
 
