@@ -344,6 +344,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pool = worker.pool_for(route)
         self.state = ClientState.WAITING
+        if not req.plain and b"expect" in req.connection_tokens:
+            self._continue_here(req)
         # Parse what is buffered of the body first: a malformed body that already arrived
         # is refused before any byte of the request goes upstream.
         if req.plain:
@@ -355,6 +357,14 @@ class ClientConnection(asyncio.Protocol):
         if self.private and self._take_private():
             return
         self.pool.acquire(self)
+
+    def _continue_here(self, req: RequestHead) -> None:
+        """Connection: Expect makes the expectation this hop's alone (RFC 9110 §7.6.1): it
+        is not forwarded, so proxyd answers it (§10.1.1) once the request is accepted, or
+        the client would wait for a 100 that never comes."""
+        if (req.version >= 11 and req.has_body
+                and field_values(req.headers, b"expect")):  # 100-continue (_check)
+            self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _take_private(self) -> bool:
         """Run the request on this client's private connection to its origin, if it has one
@@ -401,12 +411,6 @@ class ClientConnection(asyncio.Protocol):
             if any(e.lower() != b"100-continue" for e in expect):
                 raise errors.ProxyError("unsupported expectation", status=417,
                                         error_type="http_request_error")
-            if (expect and b"expect" in req.connection_tokens and req.version >= 11
-                    and req.has_body):
-                # Connection: Expect makes the expectation this hop's alone (RFC 9110
-                # §7.6.1): it is not forwarded, so proxyd answers it (§10.1.1), or the
-                # client would wait for a 100 that never comes.
-                self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _hop_limit_reached(self, req: RequestHead) -> bool:
         """RFC 9110 §7.6.2: a TRACE or OPTIONS with Max-Forwards 0 is answered here (True);

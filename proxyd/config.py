@@ -410,7 +410,7 @@ def validate(cfg: Config) -> None:
         _check_host(o.host, f"origin[{i}].host", src)
         if o.sni:
             _check_host(o.sni, f"origin[{i}].sni", src, sni=True)
-        _check_client_cert(o, f"origin[{i}]", src)
+        check_client_cert(o, f"origin[{i}]", src)
         _validate_pool(o, f"origin[{i}]", src)
         if not 1 <= o.port <= 65535:
             raise ConfigError(f"{src}: origin[{i}].port: invalid port {o.port}")
@@ -485,7 +485,7 @@ def _check_ca_file(path: str, src: str) -> None:
         raise ConfigError(f"{src}: tls.ca_file: cannot load {path!r}: {exc}") from None
 
 
-def _check_client_cert(o: OriginConfig, prefix: str, src: str) -> None:
+def check_client_cert(o: OriginConfig, prefix: str, src: str) -> None:
     """A client certificate must load now, with its key, or every handshake would fail."""
     if o.key_file and not o.cert_file:
         raise ConfigError(f"{src}: {prefix}.key_file: set {prefix}.cert_file too")

@@ -12,8 +12,8 @@ import email.utils
 import re
 import time
 
-from .http1 import (Framing, Headers, RequestHead, ResponseHead, field_values, lower_names,
-                    plain_ows, serialize_head)
+from .http1 import (Framing, Headers, RequestHead, ResponseHead, content_length_field,
+                    field_values, lower_names, plain_ows, serialize_head)
 
 # Fields never forwarded, whatever Connection says. Content-Length is handled by framing.
 HOP_BY_HOP = frozenset({
@@ -209,8 +209,11 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
     elif out_framing is Framing.LENGTH or (out_framing is Framing.NONE and
                                            resp.get(b"content-length") is not None):
         cl = resp.get(b"content-length")
-        if cl is not None:  # validated by the parser: one number, maybe listed (42, 42)
-            headers.append((b"Content-Length", b"%d" % int(cl.split(b",")[0])))
+        # One plain number; an invalid one (only a 304's is not checked by the parser, as
+        # it frames nothing) is dropped rather than passed on.
+        cl = content_length_field(cl) if cl is not None else None
+        if cl is not None:
+            headers.append((b"Content-Length", cl))
     elif out_framing is Framing.CHUNKED:
         headers.append((b"Transfer-Encoding", b"chunked"))
     headers.append((b"Via", via))

@@ -53,7 +53,7 @@ _CHUNK_LINE = re.compile(
     + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_SRC + rb"|" + _QUOTED + rb"))?)*)")
 # 1*HEXDIG and 1*DIGIT (RFC 9112 §7.1, RFC 9110 §8.6): leading zeros, however many, are
 # valid; the digits after them are bounded so that the value is.
-_DIGITS = re.compile(rb"0*[0-9]{1,18}")
+_DIGITS = re.compile(rb"0*([0-9]{1,18})")
 # Plain paths: the usual head matched whole in one pass — start line, valid field lines
 # (the same classes as _FIELD_ITEM), the blank line — so that it can be forwarded from the
 # bytes as received. Any head these do not take goes through the general parser, which
@@ -710,9 +710,20 @@ def parse_content_length(values: list[bytes]) -> int | None:
     for v in values:
         if v != first:
             raise ParseError("conflicting Content-Length values")
-    if _DIGITS.fullmatch(first) is None:
+    m = _DIGITS.fullmatch(first)
+    if m is None:
         raise ParseError("invalid Content-Length")
-    return int(first)
+    return int(m.group(1))  # the significant digits: int() refuses over 4,300 digits
+
+
+def content_length_field(value: bytes) -> bytes | None:
+    """A received Content-Length value as one plain number (``0005`` or ``5, 5`` -> ``5``),
+    or None when it is not a valid one."""
+    try:
+        length = parse_content_length([v for v in map(bytes.strip, value.split(b",")) if v])
+    except ParseError:
+        return None
+    return None if length is None else b"%d" % length
 
 
 def lower_names(head: RequestHead | ResponseHead) -> list[bytes]:

@@ -22,7 +22,8 @@ from typing import Any
 from .access import Access, load_users
 from .accesslog import AccessLog
 from .client import ClientConnection, ClientState
-from .config import Config, ConfigError, OriginConfig, parse_hostport
+from .config import (Config, ConfigError, OriginConfig, check_client_cert,
+                     parse_hostport)
 from .exchanges import ExchangeLog
 from .headers import via_entry
 from .http1 import ParserLimits
@@ -492,6 +493,7 @@ def _tls_contexts(cfg: Config) -> tuple[ssl.SSLContext, dict[OriginConfig, ssl.S
             own[o] = make_ssl_context(tls.verify, tls.ca_file, tls.min_version,
                                       o.cert_file, o.key_file)
         except (OSError, ssl.SSLError, ValueError) as exc:
+            check_client_cert(o, f"origin[{i}]", cfg.source)  # names the key that failed
             raise ConfigError(f"{cfg.source}: origin[{i}].cert_file: cannot load "
                               f"{o.cert_file!r}: {exc}") from None
     return shared, own

@@ -700,6 +700,17 @@ def test_expect_named_by_connection_is_answered_by_proxyd(proxyd, tls_origin):
     assert "expect" not in o.requests[-1].header_names()
 
 
+def test_expect_named_by_connection_gets_no_100_when_the_request_is_refused(proxyd, tls_origin):
+    """Found by review: the 100 went out before routing and policy, so a refused client was
+    invited to upload a body that would be thrown away."""
+    p = proxyd(config={"destinations": {"deny_hosts": ["denied.test"]}})
+    with Raw(p.port, timeout=5) as c:
+        c.send("POST http://denied.test/up HTTP/1.1\r\nHost: denied.test\r\n"
+               "Connection: Expect\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        r = c.response(return_interim=True)
+    assert r.status == 403, r.raw_head
+
+
 @pytest.mark.parametrize("expect", ["", ",", " , "])
 def test_an_empty_expect_field_expects_nothing(proxyd, tls_origin, expect):
     """RFC 9110 §5.6.1.2: empty list elements are ignored, so an empty Expect is no

@@ -363,6 +363,18 @@ def client_cert_files(ca, tmp_path) -> tuple[Path, Path, Path]:
     return cert, key, both
 
 
+def test_a_key_file_gone_when_a_worker_starts_is_named(tmp_path, client_cert_files):
+    """Found by review: a worker starting after the key file went away blamed cert_file."""
+    from proxyd.worker import _tls_contexts
+
+    cert, key, _ = client_cert_files
+    cfg = _load_origin(tmp_path, f'cert_file = "{cert}"\nkey_file = "{key}"\n')
+    assert set(_tls_contexts(cfg)[1]) == {cfg.origin[0]}
+    key.rename(tmp_path / "moved.key")
+    with pytest.raises(config.ConfigError, match=r"origin\[0\]\.key_file: no such file .*client\.key"):
+        _tls_contexts(cfg)
+
+
 def _load_origin(tmp_path: Path, keys: str) -> config.Config:
     path = tmp_path / "p.toml"
     path.write_text(f'[[origin]]\nhost = "mtls.example"\n{keys}')

@@ -397,6 +397,12 @@ def test_client_response_connection(keep_alive, version, connection):
                  id="head-list-is-one-number"),
     pytest.param(b"GET", b"HTTP/1.1 304 Not Modified", (b"Content-Length: 0005",), b"5",
                  id="304-leading-zeros-dropped"),
+    # a 304 frames nothing, so the parser lets its value through: an invalid one is dropped
+    # (found by review: it raised a ValueError in the response path)
+    pytest.param(b"GET", b"HTTP/1.1 304 Not Modified", (b"Content-Length: abc",), None,
+                 id="304-invalid-dropped"),
+    pytest.param(b"GET", b"HTTP/1.1 304 Not Modified", (b"Content-Length: ,5",), b"5",
+                 id="304-empty-list-element"),
 ])
 def test_client_response_no_body_content_length(method, start, lines, expected_cl):
     """RFC 9110 §8.6: in a HEAD or 304 response Content-Length is the size the selected

@@ -1247,6 +1247,13 @@ def test_parse_content_length(values, expected):
     assert parse_content_length(values) == expected
 
 
+def test_thousands_of_leading_zeros_in_content_length_are_still_a_number():
+    """Found by review: int() refuses strings over 4,300 digits (a ValueError, not a 400)."""
+    assert parse_content_length([b"0" * 5000 + b"5"]) == 5
+    with pytest.raises(ParseError):
+        parse_content_length([b"0" * 5000 + b"1" * 19])
+
+
 @pytest.mark.parametrize("values", [
     pytest.param([b"1", b"2"], id="differing"),
     pytest.param([b""], id="empty"),
