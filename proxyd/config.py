@@ -378,7 +378,7 @@ def validate(cfg: Config) -> None:
     if cfg.tls.min_version not in ("1.2", "1.3"):
         raise ConfigError(f"{src}: tls.min_version: must be \"1.2\" or \"1.3\"")
     if cfg.tls.ca_file:
-        _check_ca_file(cfg.tls.ca_file, src)
+        check_ca_file(cfg.tls.ca_file, src)
     for p in cfg.connect_ports:
         if not 1 <= p <= 65535:
             raise ConfigError(f"{src}: connect_ports: invalid port {p}")
@@ -473,7 +473,7 @@ def _check_users_file(path: str, src: str) -> None:
                           "authenticate (add one with: proxyd hash-password)")
 
 
-def _check_ca_file(path: str, src: str) -> None:
+def check_ca_file(path: str, src: str) -> None:
     """The CA bundle must exist and hold certificates (else every handshake would fail)."""
     if os.path.isdir(path):
         raise ConfigError(f"{src}: tls.ca_file: {path!r} is a directory, not a PEM file")

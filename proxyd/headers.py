@@ -206,13 +206,11 @@ def client_response_head(resp: ResponseHead, out_framing: Framing, keep_alive: b
         headers.append((b"Date", http_date()))
     if resp.status == 204:
         pass  # RFC 9110 §8.6: a server MUST NOT send Content-Length in a 204
-    elif out_framing is Framing.LENGTH or (out_framing is Framing.NONE and
-                                           resp.get(b"content-length") is not None):
-        cl = resp.get(b"content-length")
+    elif out_framing is Framing.LENGTH or out_framing is Framing.NONE:
         # One plain number; an invalid one (only a 304's is not checked by the parser, as
         # it frames nothing) is dropped rather than passed on.
-        cl = content_length_field(cl) if cl is not None else None
-        if cl is not None:
+        cl = resp.get(b"content-length")
+        if cl is not None and (cl := content_length_field(cl)) is not None:
             headers.append((b"Content-Length", cl))
     elif out_framing is Framing.CHUNKED:
         headers.append((b"Transfer-Encoding", b"chunked"))

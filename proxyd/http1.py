@@ -350,11 +350,14 @@ def get_field(headers: Headers, lname: bytes) -> bytes | None:
 
 def field_values(headers: Headers, lname: bytes) -> list[bytes]:
     """All values of field ``lname``, comma lists split and elements stripped (RFC 9110 §5.6.1)."""
-    out: list[bytes] = []
-    for name, value in headers:
-        if name.lower() == lname:
-            out.extend(v.strip(b" \t") for v in value.split(b","))
-    return [v for v in out if v]
+    return [v for name, value in headers if name.lower() == lname
+            for v in list_members(value)]
+
+
+def list_members(value: bytes) -> list[bytes]:
+    """The members of one list field value: split on commas, OWS stripped, empty members
+    dropped (RFC 9110 §5.6.1)."""
+    return [v for v in (m.strip(b" \t") for m in value.split(b",")) if v]
 
 
 class _State(Constant):
@@ -720,7 +723,7 @@ def content_length_field(value: bytes) -> bytes | None:
     """A received Content-Length value as one plain number (``0005`` or ``5, 5`` -> ``5``),
     or None when it is not a valid one."""
     try:
-        length = parse_content_length([v for v in map(bytes.strip, value.split(b",")) if v])
+        length = parse_content_length(list_members(value))
     except ParseError:
         return None
     return None if length is None else b"%d" % length

@@ -22,7 +22,7 @@ from typing import Any
 from .access import Access, load_users
 from .accesslog import AccessLog
 from .client import ClientConnection, ClientState
-from .config import (Config, ConfigError, OriginConfig, check_client_cert,
+from .config import (Config, ConfigError, OriginConfig, check_ca_file, check_client_cert,
                      parse_hostport)
 from .exchanges import ExchangeLog
 from .headers import via_entry
@@ -483,6 +483,8 @@ def _tls_contexts(cfg: Config) -> tuple[ssl.SSLContext, dict[OriginConfig, ssl.S
     try:
         shared = make_ssl_context(tls.verify, tls.ca_file, tls.min_version)
     except (OSError, ssl.SSLError) as exc:
+        if tls.ca_file:
+            check_ca_file(tls.ca_file, cfg.source)  # says what is wrong with the file
         raise ConfigError(f"{cfg.source}: tls.ca_file: cannot load {tls.ca_file!r}: "
                           f"{exc}") from None
     own: dict[OriginConfig, ssl.SSLContext] = {}
